@@ -1,0 +1,231 @@
+"""The ``qcnn`` command line: convert, info, classify.
+
+Every subcommand exits 0 on success and 1 with a one-line ``qcnn: error:``
+message on bad input; ``--json`` gives machine-readable output on stdout.
+"""
+
+import argparse
+import json
+import os
+import sys
+import warnings
+
+import numpy as np
+
+from qcnn import __version__
+from qcnn.errors import QcnnError
+from qcnn import resources
+from qcnn.io import caffe, image, modelfile
+
+
+def _floats(text):
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _read_labels(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            labels = [line.strip() for line in f]
+    except FileNotFoundError:
+        raise QcnnError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise QcnnError(f"{path}: cannot read labels ({e})") from None
+    while labels and not labels[-1]:
+        labels.pop()
+    if not labels:
+        raise QcnnError(f"{path}: no labels in file")
+    return labels
+
+
+def _is_qcnn_file(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(modelfile.MAGIC)) == modelfile.MAGIC
+    except OSError:
+        return False
+
+
+def open_model(path, weights=None):
+    """A qcnn model file, or a Caffe prototxt (+ optional caffemodel)."""
+    if _is_qcnn_file(path) or weights is None and str(path).endswith(".qcnn"):
+        return modelfile.load(path)
+    return caffe.load_caffe(path, weights)
+
+
+# ------------------------------------------------------------------ convert
+
+def cmd_convert(args):
+    if args.mean is not None and args.mean_file is not None:
+        raise QcnnError("give --mean or --mean-file, not both")
+    net = caffe.load_caffe(args.prototxt, args.caffemodel, fold_batchnorm=not args.no_fold)
+    channels = next(iter(net.inputs.values()))[1]
+    preprocess = {"channel_order": args.channel_order or ("GRAY" if channels == 1 else "BGR"),
+                  "resize": args.resize, "scale": args.scale,
+                  "mean": args.mean if args.mean is not None else [0.0]}
+    if args.mean_file is not None:
+        mean = caffe.read_mean_file(args.mean_file)
+        if mean.shape[0] != channels:
+            raise QcnnError(f"{args.mean_file}: mean has {mean.shape[0]} channels, the network "
+                            f"input has {channels}")
+        preprocess["mean"] = [float(m) for m in mean.reshape(channels, -1).mean(axis=1)]
+    try:
+        net.metadata["preprocess"] = image.check_preprocess(preprocess, channels)
+    except QcnnError as e:
+        raise QcnnError(f"bad preprocessing options: {e}") from None
+    if args.labels:
+        net.metadata["labels"] = _read_labels(args.labels)
+    modelfile.save(net, args.output)
+    if not args.quiet:
+        print(f"wrote {args.output}: {len(net.layers)} layers, "
+              f"{sum(b.size for layer in net.layers for b in layer.blobs):,} weights")
+    return 0
+
+
+# ------------------------------------------------------------------ info
+
+def _fmt_bytes(n):
+    return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{n} B"
+
+
+def cmd_info(args):
+    net = open_model(args.model, args.weights)
+    rows = net.summary()
+    total = {k: sum(r[k] for r in rows) for k in ("params", "bytes", "macs")}
+    if args.json:
+        json.dump({"model": str(args.model), "name": net.name, "inputs": net.inputs,
+                   "outputs": net.outputs, "layers": rows, "total": total,
+                   "metadata": net.metadata}, sys.stdout, indent=1)
+        print()
+        return 0
+    print(f"model {args.model}: {net.name}, inputs "
+          + ", ".join(f"{k} {tuple(v)}" for k, v in net.inputs.items())
+          + f", outputs {', '.join(net.outputs)}")
+    print(f"{'layer':<24} {'type':<13} {'output shape':<20} {'params':>11} {'MACs':>14} {'bytes':>11}")
+    for r in rows:
+        shape = "x".join(map(str, r["output_shapes"][0][1:]))
+        print(f"{r['name'][:24]:<24} {r['type']:<13} {shape:<20} {r['params']:>11,} "
+              f"{r['macs']:>14,} {_fmt_bytes(r['bytes']):>11}")
+    print(f"{'total':<24} {'':<13} {'':<20} {total['params']:>11,} {total['macs']:>14,} "
+          f"{_fmt_bytes(total['bytes']):>11}")
+    return 0
+
+
+# ------------------------------------------------------------------ classify
+
+def _probabilities(net, scores, output):
+    producer = [layer for layer in net.layers if output in layer.tops][-1:]
+    scores = scores.reshape(len(scores), -1).astype(np.float64)
+    if producer and producer[0].type == "Softmax":
+        return scores
+    e = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cmd_classify(args):
+    model_path = args.model or resources.DEFAULT_MODEL
+    images = args.images or [str(resources.SAMPLE_IMAGE)]
+    net = open_model(model_path)
+    if len(net.inputs) != 1:
+        raise QcnnError(f"{model_path}: classify needs a network with one input, it has {list(net.inputs)}")
+    if args.top < 1:
+        raise QcnnError("--top must be at least 1")
+    if args.batch_size < 1:
+        raise QcnnError("--batch-size must be at least 1")
+    output = args.output_blob or net.outputs[0]
+    labels = _read_labels(args.labels) if args.labels else net.metadata.get("labels")
+    input_shape = next(iter(net.inputs.values()))[1:]
+    preprocess = net.metadata.get("preprocess")
+    results = []
+    for start in range(0, len(images), args.batch_size):
+        paths = images[start:start + args.batch_size]
+        batch = image.load_images(paths, input_shape, preprocess)
+        probs = _probabilities(net, net.forward(batch, [output])[output], output)
+        if not np.isfinite(probs).all():
+            raise QcnnError(f"{model_path}: the model produced NaN or infinite outputs")
+        if labels is not None and len(labels) != probs.shape[1]:
+            raise QcnnError(f"{args.labels or model_path}: {len(labels)} labels for "
+                            f"{probs.shape[1]} classes")
+        for path, p in zip(paths, probs):
+            top = np.argsort(-p, kind="stable")[:args.top]
+            results.append({"image": str(path), "top": [
+                {"index": int(i), "label": labels[i] if labels else str(i), "probability": float(p[i])}
+                for i in top]})
+    if args.json:
+        json.dump({"model": str(model_path), "results": results}, sys.stdout, indent=1)
+        print()
+    else:
+        for r in results:
+            print(r["image"])
+            for rank, t in enumerate(r["top"], 1):
+                print(f"  {rank:>2}. {t['probability']:7.2%}  {t['label']}  ({t['index']})")
+    return 0
+
+
+# ------------------------------------------------------------------ main
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="qcnn", description="Quantized CNNs in NumPy: "
+                                     "convert Caffe models, inspect them, classify images.")
+    parser.add_argument("--version", action="version", version=f"qcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("convert", help="convert a Caffe prototxt + caffemodel to a .qcnn model")
+    p.add_argument("prototxt")
+    p.add_argument("caffemodel")
+    p.add_argument("-o", "--output", required=True, help="output .qcnn file (written atomically)")
+    p.add_argument("--mean", type=_floats, help="per-channel mean in network channel order, e.g. 104,117,123")
+    p.add_argument("--mean-file", help="Caffe mean .binaryproto (averaged per channel)")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplier after mean subtraction")
+    p.add_argument("--channel-order", choices=["BGR", "RGB", "GRAY"], help="default BGR (Caffe)")
+    p.add_argument("--resize", type=int, help="resize the shorter side to this, then centre-crop "
+                   "(default: resize straight to the input size)")
+    p.add_argument("--labels", help="class names, one per line")
+    p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/Scale as separate layers")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="layers, shapes, parameters, MACs and bytes of a model")
+    p.add_argument("model", help=".qcnn file or Caffe prototxt")
+    p.add_argument("--weights", help="caffemodel for a prototxt (default: random weights)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("classify", help="top-k classes of images")
+    p.add_argument("images", nargs="*", help="image files (default: a bundled sample)")
+    p.add_argument("--model", help="model file (default: the bundled model)")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--labels", help="class names, one per line (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--output-blob", help="blob holding class scores (default: the first output)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_classify)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"qcnn: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show_warning
+    try:
+        return args.func(args)
+    except QcnnError as e:
+        print(f"qcnn: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug, not bad input: say so briefly unless debugging
+        if os.environ.get("QCNN_DEBUG"):
+            raise
+        print(f"qcnn: internal error: {type(e).__name__}: {e} (set QCNN_DEBUG=1 for a traceback)",
+              file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -178,11 +178,11 @@ def encode(message, schema):
     out = bytearray()
     for number, (name, kind) in sorted(schema.items()):
         values = message.get(name, ())
-        if kind == "int64s" and len(values):
+        if isinstance(kind, str) and kind == "int64s" and len(values):
             payload = b"".join(_varint(int(v)) for v in values)
             out += _key(number, LENGTH) + _varint(len(payload)) + payload
             continue
-        if kind in _ARRAY_DTYPES and len(values):
+        if isinstance(kind, str) and kind in _ARRAY_DTYPES and len(values):
             payload = np.concatenate([np.ravel(v) for v in values]).astype(
                 _ARRAY_DTYPES[kind][0]).tobytes()
             out += _key(number, LENGTH) + _varint(len(payload)) + payload

@@ -411,9 +411,10 @@ def save_caffemodel(net, path, v1=False):
             blobs = [{"shape": [{"dim": list(b.shape)}], "data": [b]} for b in layer.blobs]
             layers.append({"name": [layer.name], "type": [layer.type], "blobs": blobs})
     message = {"name": [net.name], ("layers" if v1 else "layer"): layers}
-    payload = protobuf.encode(message, _NET)
+    pieces, _ = protobuf.encode_pieces(message, _NET)
     with atomic_write(path) as f:
-        f.write(payload)
+        for piece in pieces:
+            f.write(piece)
 
 
 def read_mean_file(path):

@@ -175,31 +175,47 @@ def encode(message, schema):
 
     Numeric arrays are written packed. Fields are written in schema order.
     """
-    out = bytearray()
+    return b"".join(encode_pieces(message, schema)[0])
+
+
+def encode_pieces(message, schema):
+    """Like :func:`encode` but as ``(pieces, total_length)``, so large arrays are not copied
+    into one buffer before being written (write the pieces one after another)."""
+    pieces = []
+
+    def put(number, wire, payload=None, length=None):
+        pieces.append(_key(number, wire))
+        if wire == LENGTH:
+            pieces.append(_varint(length if length is not None else len(payload)))
+        if payload is not None:
+            pieces.append(payload)
+
     for number, (name, kind) in sorted(schema.items()):
         values = message.get(name, ())
-        if isinstance(kind, str) and kind == "int64s" and len(values):
-            payload = b"".join(_varint(int(v)) for v in values)
-            out += _key(number, LENGTH) + _varint(len(payload)) + payload
-            continue
-        if isinstance(kind, str) and kind in _ARRAY_DTYPES and len(values):
-            payload = np.concatenate([np.ravel(v) for v in values]).astype(
-                _ARRAY_DTYPES[kind][0]).tobytes()
-            out += _key(number, LENGTH) + _varint(len(payload)) + payload
-            continue
-        for value in values:
-            if isinstance(kind, dict):
-                payload = encode(value, kind)
-                out += _key(number, LENGTH) + _varint(len(payload)) + payload
-            elif kind == "varint":
-                out += _key(number, VARINT) + _varint(int(value))
-            elif kind == "string":
-                payload = value.encode("utf-8")
-                out += _key(number, LENGTH) + _varint(len(payload)) + payload
-            elif kind == "float":
-                out += _key(number, FIXED32) + struct.pack("<f", value)
-            elif kind == "double":
-                out += _key(number, FIXED64) + struct.pack("<d", value)
-            else:  # pragma: no cover - schema typo
-                raise ValueError(f"unknown schema kind {kind!r}")
-    return bytes(out)
+        if isinstance(kind, dict):
+            for value in values:
+                sub_pieces, length = encode_pieces(value, kind)
+                put(number, LENGTH, length=length)
+                pieces.extend(sub_pieces)
+        elif kind == "int64s":
+            if len(values):
+                put(number, LENGTH, b"".join(_varint(int(v)) for v in values))
+        elif kind in _ARRAY_DTYPES:
+            arrays = [np.ascontiguousarray(v, _ARRAY_DTYPES[kind][0]).ravel() for v in values]
+            if arrays:
+                length = sum(a.nbytes for a in arrays)
+                put(number, LENGTH, length=length)
+                pieces.extend(memoryview(a).cast("B") for a in arrays)
+        else:
+            for value in values:
+                if kind == "varint":
+                    put(number, VARINT, _varint(int(value)))
+                elif kind == "string":
+                    put(number, LENGTH, value.encode("utf-8"))
+                elif kind == "float":
+                    put(number, FIXED32, struct.pack("<f", value))
+                elif kind == "double":
+                    put(number, FIXED64, struct.pack("<d", value))
+                else:  # pragma: no cover - schema typo
+                    raise ValueError(f"unknown schema kind {kind!r}")
+    return pieces, sum(len(p) if isinstance(p, bytes) else p.nbytes for p in pieces)

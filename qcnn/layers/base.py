@@ -114,7 +114,9 @@ class Layer:
         for i, (a, e) in enumerate(zip(actual, expected)):
             if a != e and (int(np.prod(a)) != int(np.prod(e)) or not _is_legacy(a, e)):
                 raise self.error(f"weight blob {i} has shape {a}, but the network needs {e}")
-        self.blobs = [b.reshape(e).astype(np.float32, copy=False)
+        # Aligned, contiguous float32: views into a file buffer can be misaligned, and
+        # BLAS refuses misaligned arrays (NumPy then falls back to loops 20x slower).
+        self.blobs = [np.require(b.reshape(e), np.float32, ("C", "A"))
                       for b, e in zip(self.blobs, expected)]
         for i, b in enumerate(self.blobs):
             if not np.isfinite(b).all():

@@ -34,13 +34,19 @@ Method
   timed repetitions; in each repetition both engines run once, alternating which goes
   first, so drift in machine load affects both alike. The garbage collector is off
   while timing.
-* Reported per engine: median and min in ms; and the ratio ours / OpenCV of the medians
-  and of the mins (> 1 means qcnn is slower).
+* Reported per engine: median and min wall time in ms; and the ratio ours / OpenCV of the
+  medians and of the mins (> 1 means qcnn is slower). Each run's process CPU time
+  (``time.process_time``) is recorded too, with the ratio of the median CPU times: on a
+  shared, loaded machine wall time includes time spent waiting for a core, and with one
+  thread CPU time is the steadier estimate of each engine's cost (with several threads
+  it sums all threads, spin-waiting included, so wall time is then the measure). The
+  1-minute load average before and after is printed so noisy runs can be recognised.
 * Agreement: the maximum absolute difference between the two engines' final output
   blob (and the largest absolute value of that blob, for scale).
 * Per-layer breakdown (``--breakdown``, default ``alexnet``): qcnn's time per layer,
-  measured as the time between consecutive yields of ``net.trace(x)`` (median over
-  ``--repeat`` runs), with each layer's MACs and achieved GMAC/s, next to OpenCV's own
+  measured as the wall and CPU time between consecutive yields of ``net.trace(x)``
+  (median over ``--repeat`` runs; the first layer includes the input check), with each
+  layer's achieved GMAC/s (multiply-accumulates per wall second), next to OpenCV's own
   per-layer times from ``getPerfProfile`` (layers OpenCV fused into the previous one,
   e.g. ReLU into a convolution, show 0).
 
@@ -157,16 +163,19 @@ def run_opencv(cvnet, x):
 
 
 def timed(fn, *args):
+    """``(wall ms, process CPU ms)`` of one call."""
     import time
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     fn(*args)
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - wall) * 1e3, (time.process_time() - cpu) * 1e3
 
 
-def stats(times):
+def stats(samples):
     import numpy as np
-    return {"median_ms": float(np.median(times)), "min_ms": float(np.min(times)),
-            "times_ms": [round(t, 4) for t in times]}
+    wall, cpu = (np.array(v) for v in zip(*samples))
+    return {"median_ms": float(np.median(wall)), "min_ms": float(np.min(wall)),
+            "cpu_median_ms": float(np.median(cpu)), "cpu_min_ms": float(np.min(cpu)),
+            "times_ms": [round(float(t), 4) for t in wall], "cpu_times_ms": [round(float(t), 4) for t in cpu]}
 
 
 def compare(net, cvnet, x, repeat, warmup):
@@ -198,6 +207,7 @@ def compare(net, cvnet, x, repeat, warmup):
         "ours": ours, "opencv": cv,
         "ratio_median": ours["median_ms"] / cv["median_ms"],
         "ratio_min": ours["min_ms"] / cv["min_ms"],
+        "cpu_ratio_median": ours["cpu_median_ms"] / cv["cpu_median_ms"],
         "output_blob": net.outputs[-1],
         "max_abs_diff": float(np.max(np.abs(a - b))),
         "max_abs_output": float(np.max(np.abs(b))),
@@ -211,15 +221,17 @@ def breakdown(net, cvnet, x, repeat):
     import cv2
     import numpy as np
 
-    names = [layer.name for layer in net.layers]
-    ours = {name: [] for name in names}
+    ours = {layer.name: [] for layer in net.layers}
+    ours_cpu = {layer.name: [] for layer in net.layers}
     totals = []
     for _ in range(repeat):
         start = last = time.perf_counter()
+        last_cpu = time.process_time()
         for layer, _, _ in net.trace(x):
-            now = time.perf_counter()
+            now, now_cpu = time.perf_counter(), time.process_time()
             ours[layer.name].append((now - last) * 1e3)
-            last = now
+            ours_cpu[layer.name].append((now_cpu - last_cpu) * 1e3)
+            last, last_cpu = now, now_cpu
         totals.append((last - start) * 1e3)
 
     cv_layers = list(cvnet.getLayerNames())
@@ -240,7 +252,8 @@ def breakdown(net, cvnet, x, repeat):
         rows.append({
             "layer": layer.name, "type": layer.type,
             "output_shape": [batch] + list(layer.output_shapes_[0][1:]),
-            "ours_ms": ms, "opencv_ms": cv_ms, "macs": macs[layer.name],
+            "ours_ms": ms, "ours_cpu_ms": float(np.median(ours_cpu[layer.name])),
+            "opencv_ms": cv_ms, "macs": macs[layer.name],
             "ours_gmacs": macs[layer.name] / ms / 1e6 if macs[layer.name] and ms > 0 else None,
         })
     return {"rows": rows, "ours_total_ms": float(np.median(totals)),
@@ -249,22 +262,25 @@ def breakdown(net, cvnet, x, repeat):
 
 # ---------------------------------------------------------------- reporting
 
-def print_table(results, threads):
-    print(f"\nForward time, threads={threads} (ms; ratio = ours / OpenCV, > 1 means qcnn is slower)")
+def print_table(results, threads, load):
+    print(f"\nForward time, threads={threads} (wall ms; ratio = ours / OpenCV, > 1 means qcnn is slower; "
+          f"cpu ratio = of median process CPU times)")
+    print(f"load average (1 min) before/after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} CPUs")
     header = (f"{'model':<9} {'batch':>5} {'ours med':>9} {'ours min':>9} {'cv med':>9} "
-              f"{'cv min':>9} {'ratio med':>9} {'ratio min':>9} {'max|diff|':>10} {'max|out|':>9}")
+              f"{'cv min':>9} {'ratio med':>9} {'ratio min':>9} {'cpu ratio':>9} {'max|diff|':>10} {'max|out|':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
         print(f"{r['model']:<9} {r['batch']:>5} {r['ours']['median_ms']:>9.2f} {r['ours']['min_ms']:>9.2f} "
               f"{r['opencv']['median_ms']:>9.2f} {r['opencv']['min_ms']:>9.2f} {r['ratio_median']:>9.2f} "
-              f"{r['ratio_min']:>9.2f} {r['max_abs_diff']:>10.2e} {r['max_abs_output']:>9.3g}")
+              f"{r['ratio_min']:>9.2f} {r['cpu_ratio_median']:>9.2f} {r['max_abs_diff']:>10.2e} "
+              f"{r['max_abs_output']:>9.3g}")
 
 
 def print_breakdown(model, batch, bd):
     total = sum(row["ours_ms"] for row in bd["rows"])
     print(f"\nPer-layer time, {model}, batch {batch} (median ms; OpenCV 0 = fused into previous layer)")
-    header = (f"{'layer':<8} {'type':<13} {'output':<18} {'ours ms':>8} {'share':>6} "
+    header = (f"{'layer':<8} {'type':<13} {'output':<18} {'ours ms':>8} {'ours cpu':>8} {'share':>6} "
               f"{'GMAC/s':>7} {'cv ms':>8}")
     print(header)
     print("-" * len(header))
@@ -273,8 +289,9 @@ def print_breakdown(model, batch, bd):
         gmacs = f"{row['ours_gmacs']:.1f}" if row["ours_gmacs"] else ""
         cv_ms = "" if row["opencv_ms"] is None else f"{row['opencv_ms']:.2f}"
         print(f"{row['layer']:<8} {row['type']:<13} {shape:<18} {row['ours_ms']:>8.2f} "
-              f"{100 * row['ours_ms'] / total:>5.1f}% {gmacs:>7} {cv_ms:>8}")
-    print(f"{'total':<8} {'':<13} {'':<18} {bd['ours_total_ms']:>8.2f} {'':>6} {'':>7} "
+              f"{row['ours_cpu_ms']:>8.2f} {100 * row['ours_ms'] / total:>5.1f}% {gmacs:>7} {cv_ms:>8}")
+    cpu_total = sum(row["ours_cpu_ms"] for row in bd["rows"])
+    print(f"{'total':<8} {'':<13} {'':<18} {bd['ours_total_ms']:>8.2f} {cpu_total:>8.2f} {'':>6} {'':>7} "
           f"{bd['opencv_total_ms']:>8.2f}")
 
 
@@ -298,6 +315,13 @@ def environment(threads):
                                                   "architecture", "filepath")}
                        for info in threadpool_info()]
     return env
+
+
+def _loadavg():
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return float("nan")
 
 
 def _cpu_name():
@@ -334,6 +358,7 @@ def main(argv=None):
     cv2.setNumThreads(args.threads)
 
     results, breakdowns = [], []
+    load = [_loadavg()]
     with limits, tempfile.TemporaryDirectory() as tmpdir:
         env = environment(args.threads)
         for model in args.models:
@@ -349,7 +374,9 @@ def main(argv=None):
                     breakdowns.append({"model": model, "batch": batch, **bd})
             del net, cvnet
 
-    print_table(results, args.threads)
+    load.append(_loadavg())
+    env["loadavg_1min_before_after"] = load
+    print_table(results, args.threads, load)
     for bd in breakdowns:
         print_breakdown(bd["model"], bd["batch"], bd)
 

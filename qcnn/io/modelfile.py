@@ -89,8 +89,10 @@ def read_header(path):
     try:
         with open(path, "rb") as f:
             prefix = f.read(_PREFIX.size)
-            if len(prefix) < _PREFIX.size or prefix[:8] != MAGIC:
+            if prefix[:8] != MAGIC:
                 raise QcnnError(f"{path}: not a qcnn model file (bad magic bytes)")
+            if len(prefix) < _PREFIX.size:
+                raise QcnnError(f"{path}: truncated model file ({len(prefix)} bytes)")
             _, version, _, header_len = _PREFIX.unpack(prefix)
             if version > FORMAT_VERSION:
                 raise QcnnError(f"{path}: model format version {version} is newer than this "

@@ -267,7 +267,8 @@ def print_table(results, threads, load):
           f"cpu ratio = of median process CPU times)")
     print(f"load average (1 min) before/after: {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} CPUs")
     header = (f"{'model':<9} {'batch':>5} {'ours med':>9} {'ours min':>9} {'cv med':>9} "
-              f"{'cv min':>9} {'ratio med':>9} {'ratio min':>9} {'cpu ratio':>9} {'max|diff|':>10} {'max|out|':>9}")
+              f"{'cv min':>9} {'ratio med':>9} {'ratio min':>9} {'cpu ratio':>9} {'max|diff|':>10} "
+              f"{'max|out|':>9}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -279,7 +280,8 @@ def print_table(results, threads, load):
 
 def print_breakdown(model, batch, bd):
     total = sum(row["ours_ms"] for row in bd["rows"])
-    print(f"\nPer-layer time, {model}, batch {batch} (median ms; OpenCV 0 = fused into previous layer)")
+    print(f"\nPer-layer time, {model}, batch {batch} "
+          "(median ms; cv ms from OpenCV's getPerfProfile, 0 = fused)")
     header = (f"{'layer':<8} {'type':<13} {'output':<18} {'ours ms':>8} {'ours cpu':>8} {'share':>6} "
               f"{'GMAC/s':>7} {'cv ms':>8}")
     print(header)

@@ -16,6 +16,7 @@ from qcnn import __version__
 from qcnn.errors import QcnnError
 from qcnn import resources
 from qcnn.io import caffe, image, modelfile
+from qcnn.io.files import read_bytes
 
 
 def _floats(text):
@@ -27,12 +28,9 @@ def _floats(text):
 
 def _read_labels(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            labels = [line.strip() for line in f]
-    except FileNotFoundError:
-        raise QcnnError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise QcnnError(f"{path}: cannot read labels ({e})") from None
+        labels = [line.strip() for line in read_bytes(path).decode("utf-8").splitlines()]
+    except UnicodeDecodeError:
+        raise QcnnError(f"{path}: labels file is not UTF-8 text") from None
     while labels and not labels[-1]:
         labels.pop()
     if not labels:

@@ -15,7 +15,7 @@ import numpy as np
 from qcnn.errors import QcnnError, QcnnWarning
 from qcnn.graph import Net
 from qcnn.io import protobuf, prototext
-from qcnn.io.atomic import atomic_write
+from qcnn.io.files import atomic_write, read_bytes
 from qcnn.layers import LAYER_TYPES
 
 # ----------------------------------------------------------------- binary schemas
@@ -322,13 +322,7 @@ def read_caffemodel(path):
         Layer name -> weight blobs (float32, read-only views of the file
         contents where the file stores packed floats).
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise QcnnError(f"{path}: no such file") from None
-    except OSError as e:
-        raise QcnnError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_bytes(path)
     try:
         net = protobuf.decode(data, _NET)
     except protobuf.DecodeError as e:
@@ -419,13 +413,7 @@ def save_caffemodel(net, path, v1=False):
 
 def read_mean_file(path):
     """Read a Caffe mean image (``.binaryproto``, one BlobProto) as an array (C, H, W)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise QcnnError(f"{path}: no such file") from None
-    except OSError as e:
-        raise QcnnError(f"{path}: cannot read ({e.strerror})") from None
+    data = read_bytes(path)
     try:
         mean = _blob_array(protobuf.decode(data, _BLOB), str(path))
     except protobuf.DecodeError as e:

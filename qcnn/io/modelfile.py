@@ -27,7 +27,7 @@ import numpy as np
 
 from qcnn.errors import QcnnError
 from qcnn.graph import Net
-from qcnn.io.atomic import atomic_write
+from qcnn.io.files import atomic_write, reading
 from qcnn.layers import LAYER_TYPES
 
 MAGIC = b"QCNN\x00MDL"
@@ -86,31 +86,26 @@ def _data_pieces(chunks, total):
 
 def read_header(path):
     """The parsed JSON header of a ``.qcnn`` file and the byte offset of its data."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(_PREFIX.size)
-            if prefix[:8] != MAGIC:
-                raise QcnnError(f"{path}: not a qcnn model file (bad magic bytes)")
-            if len(prefix) < _PREFIX.size:
-                raise QcnnError(f"{path}: truncated model file ({len(prefix)} bytes)")
-            _, version, _, header_len = _PREFIX.unpack(prefix)
-            if version > FORMAT_VERSION:
-                raise QcnnError(f"{path}: model format version {version} is newer than this "
-                                f"qcnn supports ({FORMAT_VERSION}); upgrade qcnn")
-            raw = f.read(header_len)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        raise QcnnError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise QcnnError(f"{path}: is a directory, not a model file") from None
-    except OSError as e:
-        raise QcnnError(f"{path}: cannot read ({e.strerror})") from None
+    with reading(path), open(path, "rb") as f:
+        prefix = f.read(_PREFIX.size)
+        if prefix[:8] != MAGIC:
+            raise QcnnError(f"{path}: not a qcnn model file (bad magic bytes)")
+        if len(prefix) < _PREFIX.size:
+            raise QcnnError(f"{path}: truncated model file ({len(prefix)} bytes)")
+        _, version, _, header_len = _PREFIX.unpack(prefix)
+        if version > FORMAT_VERSION:
+            raise QcnnError(f"{path}: model format version {version} is newer than this "
+                            f"qcnn supports ({FORMAT_VERSION}); upgrade qcnn")
+        raw = f.read(header_len)
+        size = os.fstat(f.fileno()).st_size
     if len(raw) != header_len:
         raise QcnnError(f"{path}: truncated model file (header incomplete)")
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise QcnnError(f"{path}: corrupt model header ({e})") from None
+    if not isinstance(header, dict) or not isinstance(header.get("data_bytes", 0), int):
+        raise QcnnError(f"{path}: corrupt model header (not a qcnn header object)")
     data_start = _aligned(_PREFIX.size + header_len)
     if size < data_start + header.get("data_bytes", 0):
         raise QcnnError(f"{path}: truncated model file ({size} bytes, expected "

@@ -12,6 +12,7 @@ import ast
 import re
 
 from qcnn.errors import QcnnError
+from qcnn.io.files import read_bytes
 
 
 class Ident(str):
@@ -97,14 +98,9 @@ def parse(text, filename="<string>"):
 def parse_file(path):
     """Read and parse a ``.prototxt`` file."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise QcnnError(f"{path}: no such file") from None
+        text = read_bytes(path).decode("utf-8")
     except UnicodeDecodeError:
         raise QcnnError(f"{path}: not a text file (invalid UTF-8); is it a binary model?") from None
-    except OSError as e:
-        raise QcnnError(f"{path}: cannot read ({e.strerror})") from None
     return parse(text, str(path))
 
 

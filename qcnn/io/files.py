@@ -1,4 +1,4 @@
-"""Atomic file writing: a failure leaves no partial file and the old file intact."""
+"""File access with clear errors: reading with one-line messages, atomic writing."""
 
 import contextlib
 import os
@@ -32,3 +32,22 @@ def atomic_write(path, mode="wb"):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Turn the OS errors of reading ``path`` into one-line :class:`QcnnError` messages."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise QcnnError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise QcnnError(f"{path}: is a directory, not a file") from None
+    except OSError as e:
+        raise QcnnError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def read_bytes(path):
+    """The whole content of ``path``, or a :class:`QcnnError` naming it."""
+    with reading(path), open(path, "rb") as f:
+        return f.read()

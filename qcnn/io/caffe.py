@@ -93,6 +93,11 @@ def _conv(msg):
 _POOL_METHODS = {0: "MAX", 1: "AVE", 2: "STOCHASTIC"}
 
 
+def _inner_product(msg):
+    return {"num_output": _last(msg, "num_output"), "bias_term": _bool(_last(msg, "bias_term", True)),
+            "axis": int(_last(msg, "axis", 1)), "transpose": _bool(_last(msg, "transpose", False))}
+
+
 def _pooling(msg):
     pool = _last(msg, "pool", "MAX")
     ceil_mode = True
@@ -172,7 +177,7 @@ _PARAMS = {
                     "stride_w", "axis", "engine", "weight_filler", "bias_filler",
                     "force_nd_im2col"}, _conv),
     "InnerProduct": ("inner_product_param", {"num_output", "bias_term", "axis", "transpose",
-                     "weight_filler", "bias_filler"}, _copy("num_output", "bias_term", "axis", "transpose")),
+                     "weight_filler", "bias_filler"}, _inner_product),
     "Pooling": ("pooling_param", {"pool", "pad", "pad_h", "pad_w", "kernel_size", "kernel_h",
                 "kernel_w", "stride", "stride_h", "stride_w", "engine", "global_pooling",
                 "round_mode", "ceil_mode"}, _pooling),

@@ -74,6 +74,11 @@ class Pooling(Layer):
         if ho < 1 or wo < 1 or kernel[0] > shape[2] + 2 * self.pad[0] \
                 or kernel[1] > shape[3] + 2 * self.pad[1]:
             raise self.error(f"kernel {kernel} does not fit input {shape[2:]} with pad {self.pad}")
+        # Caffe writes -FLT_MAX (MAX) or NaN (AVE) for a window with no input pixel in it.
+        for size, k, s, p, out in zip(shape[2:], kernel, self.stride, self.pad, (ho, wo)):
+            if (out - 1) * s - p >= size:
+                raise self.error(f"the last window (stride {s}, kernel {k}, pad {p}) lies outside "
+                                 f"the input of size {size}: no pixel to pool")
         return [shape[:2] + (ho, wo)]
 
     def forward(self, inputs):

@@ -27,16 +27,23 @@ def patches(x, kernel, stride, pad, dilation, out_size, pad_value=0.0):
         ``view[n, c, i, j, y, x] = xpad[n, c, y*sh + i*dh, x*sw + j*dw]``; no copy
         beyond the padding.
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, pad, dilation, out_size
-    n, c, h, w = x.shape
-    extra_h = max(0, (ho - 1) * sh + (kh - 1) * dh + 1 - h - 2 * ph)
-    extra_w = max(0, (wo - 1) * sw + (kw - 1) * dw + 1 - w - 2 * pw)
-    if ph or pw or extra_h or extra_w:
-        x = np.pad(x, ((0, 0), (0, 0), (ph, ph + extra_h), (pw, pw + extra_w)),
-                   constant_values=pad_value)
+    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_size
+    n, c = x.shape[:2]
+    x = pad_for_windows(x, kernel, stride, pad, dilation, out_size, pad_value)
     s_n, s_c, s_h, s_w = x.strides
     return as_strided(x, (n, c, kh, kw, ho, wo),
                       (s_n, s_c, s_h * dh, s_w * dw, s_h * sh, s_w * sw), writeable=False)
+
+
+def pad_for_windows(x, kernel, stride, pad, dilation, out_size, pad_value=0.0):
+    """``x`` (N, C, H, W) padded by ``pad`` and, at the bottom/right, as much more as
+    ``out_size`` windows need (pooling's ceil rounding); ``x`` itself if no padding is needed."""
+    extra = [max(0, (o - 1) * s + (k - 1) * d + 1 - size - 2 * p) for o, s, k, d, size, p in
+             zip(out_size, stride, kernel, dilation, x.shape[2:], pad)]
+    if not any(pad) and not any(extra):
+        return x
+    return np.pad(x, ((0, 0), (0, 0), (pad[0], pad[0] + extra[0]), (pad[1], pad[1] + extra[1])),
+                  constant_values=pad_value)
 
 
 @register

@@ -45,19 +45,32 @@ class LRN(Layer):
         half = (size - 1) // 2
         square = x * x
         if p["norm_region"] == "ACROSS_CHANNELS":
-            padded = np.pad(square, ((0, 0), (half, half), (0, 0), (0, 0)))
-            window = np.zeros_like(x)
-            for i in range(size):
-                window += padded[:, i:i + x.shape[1]]
-            denom = np.float32(p["k"]) + np.float32(p["alpha"] / size) * window
+            window = square.copy()
+            for shift in range(1, half + 1):  # zero padding = shorter shifted slices
+                window[:, shift:] += square[:, :-shift]
+                window[:, :-shift] += square[:, shift:]
+            denom = window
+            denom *= np.float32(p["alpha"] / size)
+            denom += np.float32(p["k"])
         else:
             view = patches(square, (size, size), (1, 1), (half, half), (1, 1), x.shape[2:])
-            window = np.zeros_like(x)
+            denom = np.zeros_like(x)
             for i in range(size):
                 for j in range(size):
-                    window += view[:, :, i, j]
-            denom = np.float32(1.0) + np.float32(p["alpha"] / size**2) * window
-        return [x * denom ** np.float32(-p["beta"])]
+                    denom += view[:, :, i, j]
+            denom *= np.float32(p["alpha"] / size**2)
+            denom += np.float32(1.0)
+        return [x * _power(denom, -float(p["beta"]))]
+
+
+def _power(x, exponent):
+    """``x ** exponent`` for positive float32 ``x``; NumPy's float32 ``power`` is slow,
+    so the common LRN exponent -0.75 uses square roots and others exp/log."""
+    if exponent == -0.75:
+        root = np.sqrt(x)
+        root *= np.sqrt(root)
+        return np.reciprocal(root, out=root)
+    return np.exp(np.float32(exponent) * np.log(x))
 
 
 class ChannelAffine(Layer):

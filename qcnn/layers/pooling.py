@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 from qcnn.layers.base import Layer, as_pair, register
-from qcnn.layers.conv import patches
+from qcnn.layers.conv import pad_for_windows
 
 
 def pool_output_size(size, kernel, stride, pad, ceil_mode=True):
@@ -83,26 +83,27 @@ class Pooling(Layer):
 
     def forward(self, inputs):
         x = np.asarray(inputs[0], np.float32)
-        n, c, h, w = x.shape
+        h, w = x.shape[2:]
         kernel, out_size = self.geometry((h, w))
         if out_size == (1, 1) and kernel == (h, w) and self.pad == (0, 0):
             reduce = np.max if self.pool == "MAX" else np.mean
             return [reduce(x, axis=(2, 3), keepdims=True)]
-        if self.pool == "MAX":
-            view = patches(x, kernel, self.stride, self.pad, (1, 1), out_size, -np.inf)
-            out = view[:, :, 0, 0].copy()
-            for i in range(kernel[0]):
-                for j in range(kernel[1]):
-                    np.maximum(out, view[:, :, i, j], out=out)
-            return [out]
-        view = patches(x, kernel, self.stride, self.pad, (1, 1), out_size, 0.0)
-        out = np.zeros((n, c) + out_size, np.float32)
-        for i in range(kernel[0]):
-            for j in range(kernel[1]):
-                out += view[:, :, i, j]
-        count_h = self._window_sizes(h, kernel[0], self.stride[0], self.pad[0], out_size[0])
-        count_w = self._window_sizes(w, kernel[1], self.stride[1], self.pad[1], out_size[1])
-        out /= np.outer(count_h, count_w).astype(np.float32)
+        # Separable: reduce along the width, then along the height (kh + kw passes, not kh * kw).
+        is_max = self.pool == "MAX"
+        combine = np.maximum if is_max else np.add
+        (kh, kw), (sh, sw), (ho, wo) = kernel, self.stride, out_size
+        padded = pad_for_windows(x, kernel, self.stride, self.pad, (1, 1), out_size,
+                                 -np.inf if is_max else 0.0)
+        rows = padded[:, :, :, 0:sw * (wo - 1) + 1:sw].copy()
+        for j in range(1, kw):
+            combine(rows, padded[:, :, :, j:j + sw * (wo - 1) + 1:sw], out=rows)
+        out = rows[:, :, 0:sh * (ho - 1) + 1:sh].copy()
+        for i in range(1, kh):
+            combine(out, rows[:, :, i:i + sh * (ho - 1) + 1:sh], out=out)
+        if not is_max:
+            count_h = self._window_sizes(h, kh, sh, self.pad[0], ho)
+            count_w = self._window_sizes(w, kw, sw, self.pad[1], wo)
+            out /= np.outer(count_h, count_w).astype(np.float32)
         return [out]
 
     @staticmethod

@@ -26,6 +26,11 @@ Outputs, under ``--out`` (default ``weights``):
     fashion_mnist/TRAINING.md       how the weights were made, and their test accuracy
     samples/fashion_<class>.png     a few 28x28 greyscale test images that the
                                     trained model classifies correctly and confidently
+    fashion_mnist.qcnn              the model in qcnn's own format (preprocessing and
+                                    labels included): qcnn's bundled default model
+
+weights.npz is an intermediate (git-ignored); ``--export-only`` rebuilds the
+.qcnn file from it without training.
 
 Data: the Debian package ``dataset-fashion-mnist``, which installs the idx files
 under /usr/share/datasets/fashion-mnist/. Setup:
@@ -292,6 +297,24 @@ def export_weights(model: CaffeNet, path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def export_qcnn(model_dir: Path, path: Path) -> None:
+    """Build qcnn's model file from the exported prototxt, weights and labels.
+
+    Preprocessing stored with it: grey, resized straight to 28x28, pixel / 255.
+    """
+    import qcnn  # the library itself needs no torch; imported here to keep the dependency visible
+
+    arrays = np.load(model_dir / "weights.npz")
+    weights = {}
+    for key in sorted(arrays.files):
+        layer, index = key.split("/")
+        weights.setdefault(layer, []).insert(int(index), arrays[key])
+    metadata = {"preprocess": {"channel_order": "GRAY", "mean": [0.0], "scale": 1 / 255, "resize": None},
+                "labels": (model_dir / "labels.txt").read_text().splitlines()}
+    net = qcnn.load_caffe(model_dir / "deploy.prototxt", weights, metadata=metadata)
+    qcnn.save(net, path)
+
+
 def slug(name: str) -> str:
     """'Ankle boot' -> 'ankle_boot', 'T-shirt/top' -> 't_shirt_top'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -383,16 +406,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--data", type=Path, default=DATA_DIR, help=f"Fashion-MNIST idx dir (default {DATA_DIR})"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--export-only", action="store_true",
+                        help="skip training: rebuild fashion_mnist.qcnn from the exported weights.npz")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    model_dir = args.out / "fashion_mnist"
+    if args.export_only:
+        export_qcnn(model_dir, args.out / "fashion_mnist.qcnn")
+        print(f"wrote {args.out / 'fashion_mnist.qcnn'}")
+        return 0
     start = time.perf_counter()
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
 
-    model_dir = args.out / "fashion_mnist"
     samples_dir = args.out / "samples"
     model_dir.mkdir(parents=True, exist_ok=True)
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -427,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     export_weights(model, model_dir / "weights.npz")
     (model_dir / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     samples = write_samples(test_images, test_labels, proba, samples_dir)
+    export_qcnn(model_dir, args.out / "fashion_mnist.qcnn")
 
     command = " ".join(["python", "scripts/train_fashion_mnist.py", *sys.argv[1:]])
     report = training_report(

@@ -160,3 +160,16 @@ def test_help_lists_subcommands():
     assert result.returncode == 0
     for command in ("convert", "info", "classify"):
         assert command in result.stdout
+
+
+def test_bundled_default_model_classifies_its_samples(capsys):
+    from qcnn import resources
+    samples = sorted((resources.WEIGHTS_DIR / "samples").glob("fashion_*.png"))
+    assert len(samples) >= 4 and resources.SAMPLE_IMAGE in samples
+    assert main(["classify", *map(str, samples), "--top", "1", "--json"]) == 0
+    for result in json.loads(capsys.readouterr().out)["results"]:
+        expected = result["image"].rsplit("fashion_", 1)[1][:-4].replace("_", " ")
+        assert result["top"][0]["label"].lower().replace("-", " ") == expected
+        assert result["top"][0]["probability"] > 0.9
+    assert main(["classify"]) == 0  # no arguments: the bundled sample
+    assert "Sneaker" in capsys.readouterr().out

@@ -352,9 +352,11 @@ def load_caffe(prototxt, caffemodel=None, fold_batchnorm=True, seed=0, metadata=
     ----------
     prototxt : str or path
         Deploy network definition (text format).
-    caffemodel : str or path, optional
-        Binary weights. Without it the weights are random (seeded): an
-        architecture-only network for shapes, MAC counts and benchmarks.
+    caffemodel : str or path or dict, optional
+        Binary weights, or a dict of layer name -> list of arrays (Caffe
+        layouts; e.g. weights exported from another framework). Without it
+        the weights are random (seeded): an architecture-only network for
+        shapes, MAC counts and benchmarks.
     fold_batchnorm : bool
         Fold BatchNorm/Scale into the preceding convolution (see
         :meth:`Net.fold_batchnorm`); outputs are equal up to float32 rounding.
@@ -370,7 +372,10 @@ def load_caffe(prototxt, caffemodel=None, fold_batchnorm=True, seed=0, metadata=
         types, missing weights, weight shapes that do not match the prototxt.
     """
     name, inputs, specs = parse_prototxt(prototxt)
-    weights = read_caffemodel(caffemodel) if caffemodel is not None else {}
+    if isinstance(caffemodel, dict):
+        weights, caffemodel = caffemodel, "weights"
+    else:
+        weights = read_caffemodel(caffemodel) if caffemodel is not None else {}
     layers = []
     for layer_name, layer_type, bottoms, tops, params in specs:
         try:

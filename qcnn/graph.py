@@ -192,7 +192,7 @@ class Net:
                 "bottoms": layer.bottoms, "tops": layer.tops,
                 "output_shapes": [[1] + list(s[1:]) for s in layer.output_shapes_],
                 "params": int(sum(b.size for b in layer.blobs)),
-                "bytes": int(sum(b.nbytes for b in layer.blobs)),
+                "bytes": layer.storage_bytes(),
                 "macs": int(layer.macs(shapes)),
             })
         return rows

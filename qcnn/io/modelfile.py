@@ -14,7 +14,8 @@ The JSON header holds ``name``, ``inputs`` ({name: shape}), ``metadata``
 (``preprocess``, ``labels`` ...), ``data_bytes`` and ``data_crc32`` (of the
 data section) and ``layers``: a list of ``{name, type, bottoms, tops,
 params, blobs}`` where each blob is ``{dtype, shape, offset}`` (offset from
-the start of the data section). Arrays are C-ordered, so loading maps them
+the start of the data section), plus ``packed_bits`` for integer codes stored
+bit-packed (``packed_bits`` bits per value, little-endian bit order). Arrays are C-ordered, so loading maps them
 straight from the file (``numpy.memmap``) without copying.
 """
 
@@ -29,6 +30,7 @@ from qcnn.errors import QcnnError
 from qcnn.graph import Net
 from qcnn.io.files import atomic_write, reading
 from qcnn.layers import LAYER_TYPES
+from qcnn.quantization.pq import pack_codes, unpack_codes
 
 MAGIC = b"QCNN\x00MDL"
 FORMAT_VERSION = 1
@@ -46,11 +48,15 @@ def save(net, path):
     layers, chunks, offset = [], [], 0
     for layer in net.layers:
         blobs = []
-        for blob in layer.blobs:
+        for blob, bits in zip(layer.blobs, layer.blob_storage()):
             array = np.ascontiguousarray(blob)
             if array.dtype.name not in _DTYPES:
                 array = array.astype(np.float32)
-            blobs.append({"dtype": array.dtype.name, "shape": list(array.shape), "offset": offset})
+            entry = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": offset}
+            if bits is not None:
+                entry["packed_bits"] = int(bits)
+                array = pack_codes(array, bits)
+            blobs.append(entry)
             chunks.append((offset, array))
             offset = _aligned(offset + array.nbytes)
         layers.append({"name": layer.name, "type": layer.type, "bottoms": layer.bottoms,
@@ -150,9 +156,12 @@ def load(path, mmap=True, verify=True):
                     raise QcnnError(f"unsupported dtype {blob['dtype']}")
                 dtype, shape, offset = np.dtype(blob["dtype"]), tuple(blob["shape"]), int(blob["offset"])
                 count = int(np.prod(shape))
-                if offset < 0 or offset + count * dtype.itemsize > data_bytes:
+                bits = blob.get("packed_bits")
+                nbytes = -(-count * int(bits) // 8) if bits else count * dtype.itemsize
+                if offset < 0 or offset + nbytes > data_bytes:
                     raise QcnnError(f"blob of layer '{spec['name']}' lies outside the data section")
-                blobs.append(data[offset:offset + count * dtype.itemsize].view(dtype).reshape(shape))
+                raw = data[offset:offset + nbytes]
+                blobs.append(unpack_codes(raw, int(bits), shape) if bits else raw.view(dtype).reshape(shape))
             cls = LAYER_TYPES.get(spec["type"])
             if cls is None:
                 raise QcnnError(f"unknown layer type '{spec['type']}' (layer '{spec['name']}'); "

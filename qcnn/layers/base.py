@@ -122,6 +122,14 @@ class Layer:
             if not np.isfinite(b).all():
                 raise self.error(f"weight blob {i} contains NaN or infinite values")
 
+    def blob_storage(self):
+        """Per blob: bits per value when stored bit-packed (integer codes), else None."""
+        return [None] * len(self.blobs)
+
+    def storage_bytes(self):
+        """Bytes the weights take in a model file."""
+        return int(sum(b.nbytes for b in self.blobs))
+
     def output_shapes(self, input_shapes):
         """Output shapes (tuples, batch first) for the given input shapes; validates."""
         raise NotImplementedError

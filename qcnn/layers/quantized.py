@@ -1,0 +1,175 @@
+"""Product-quantized Convolution and InnerProduct layers (Q-CNN).
+
+Weights are stored as codebooks and codes (see :mod:`qcnn.quantization.pq`):
+
+``blobs[0]``  codebooks, float32 (G_cb, M, K, subdim)
+``blobs[1]``  codes, uint8 (C_t, kh, kw, M) (kh = kw = 1 for InnerProduct);
+              bit-packed to ceil(log2 K) bits in model files
+``blobs[2]``  bias, float32 (C_t,), when ``bias_term``
+
+Forward runs either the lookup-table kernel (build ``LUT = S^T D`` per input
+position with BLAS, then sum table entries picked by the codes) or decodes
+``W_q = D B`` for this call and runs the dense layer; ``kernel`` chooses
+("lut", "dense" or "auto": the cheaper by :func:`choose_kernel`). Both give the
+same result up to float32 rounding. Decoded weights are not kept, so a
+network's dense weights are never all in memory.
+"""
+
+import numpy as np
+
+from qcnn.kernels import lut
+from qcnn.layers.base import register
+from qcnn.layers.conv import Convolution, conv_output_size, convolve, pad_for_windows
+from qcnn.layers.dense import InnerProduct
+from qcnn.quantization.pq import code_bits, decode, num_subspaces
+
+KERNELS = ("auto", "lut", "dense")
+PQ_DEFAULTS = {"subdim": 8, "num_codewords": 128, "shared_codebook": True, "kernel": "auto",
+               "parallel": True}
+
+
+class _ProductQuantized:
+    """What quantized Convolution and InnerProduct share: validation, storage, forward."""
+
+    def _setup_pq(self):
+        p = self.params
+        p["subdim"], p["num_codewords"] = int(p["subdim"]), int(p["num_codewords"])
+        p["shared_codebook"], p["parallel"] = bool(p["shared_codebook"]), bool(p["parallel"])
+        if p["subdim"] < 1 or not 1 <= p["num_codewords"] <= 256:
+            raise ValueError(f"subdim must be >= 1 and num_codewords in 1..256, got "
+                             f"{p['subdim']} and {p['num_codewords']}")
+        if p["kernel"] not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {p['kernel']!r}")
+
+    def _pq_blob_shapes(self, channels, group, kernel):
+        p = self.params
+        m = num_subspaces(channels, p["subdim"])
+        books = 1 if p["shared_codebook"] else group
+        shapes = [(books, m, p["num_codewords"], p["subdim"]), (self.num_output,) + kernel + (m,)]
+        return shapes + [(self.num_output,)] if self.bias_term else shapes
+
+    def check_blobs(self, input_shapes):
+        codes = self.blobs[1] if len(self.blobs) > 1 else None
+        super().check_blobs(input_shapes)
+        if codes is not None:
+            self.blobs[1] = np.require(codes, np.uint8, ("C", "A"))  # not float32
+            if self.blobs[1].size and int(self.blobs[1].max()) >= self.params["num_codewords"]:
+                raise self.error(f"codes reach {int(self.blobs[1].max())}, but there are only "
+                                 f"{self.params['num_codewords']} codewords")
+        self._kernel_codes = None
+
+    def blob_storage(self):
+        """Per blob: bits per stored value (codes are bit-packed) or None (stored as is)."""
+        return [None, code_bits(self.params["num_codewords"]), None][:len(self.blobs)]
+
+    def storage_bytes(self):
+        """Bytes on disk: float32 codebooks and biases, codes at ceil(log2 K) bits."""
+        bits = code_bits(self.params["num_codewords"])
+        return int(self.blobs[0].nbytes + -(-self.blobs[1].size * bits // 8)
+                   + sum(b.nbytes for b in self.blobs[2:]))
+
+    def decoded_weight(self, channels):
+        """The dense weights ``W_q`` (C_t, C_s, kh, kw), float32, built now (not cached)."""
+        return decode(self.blobs[0], self.blobs[1], channels)
+
+    def _pq_forward(self, x, group, stride, pad, dilation, kernel_size):
+        """Quantized convolution of ``x`` (N, C, H, W); an inner product is a 1x1 case."""
+        kernel = self.params["kernel"]
+        if kernel == "auto":
+            kernel = choose_kernel(self._lut_ops(x.shape, group, stride, pad, dilation, kernel_size))
+        bias = self.blobs[2] if self.bias_term else None
+        if kernel == "dense":
+            return convolve(x, self.decoded_weight(x.shape[1] // group), bias, stride, pad, dilation, group)
+        out_size = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
+                         zip(x.shape[2:], kernel_size, stride, pad, dilation))
+        if self._kernel_codes is None:
+            self._kernel_codes = lut.prepare_codes(self.blobs[1], group)
+        padded = pad_for_windows(np.asarray(x, np.float32), kernel_size, stride, pad, dilation, out_size)
+        out = lut.lut_conv(padded, self.blobs[0], self._kernel_codes, group, stride, dilation, out_size,
+                           self.params["parallel"])
+        if bias is not None:
+            out += bias.reshape(1, -1, 1, 1)
+        return out
+
+    def _lut_ops(self, shape, group, stride, pad, dilation, kernel_size):
+        """Operation counts of both paths for input ``shape``, for :func:`choose_kernel`."""
+        n, c, h, w = shape
+        ho, wo = (conv_output_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip((h, w), kernel_size, stride, pad, dilation))
+        books, m, k, subdim = self.blobs[0].shape
+        positions = (h + 2 * pad[0]) * (w + 2 * pad[1])
+        kh, kw = kernel_size
+        return {"lut_build_macs": n * group * m * subdim * k * positions,
+                "lookups": n * ho * wo * kh * kw * m * self.num_output,
+                "decode_values": self.num_output * kh * kw * m * subdim,
+                "dense_macs": n * ho * wo * self.num_output * (c // group) * kh * kw}
+
+    def pq_macs(self, shape, group, stride, pad, dilation, kernel_size):
+        """The paper's count for the LUT path: table multiply-adds plus lookup additions."""
+        ops = self._lut_ops(shape, group, stride, pad, dilation, kernel_size)
+        return ops["lut_build_macs"] + ops["lookups"]
+
+
+def choose_kernel(ops):
+    """Pick "lut" or "dense" from operation counts by a simple cost model.
+
+    Costs in units of one BLAS multiply-add: a table lookup-add costs about
+    ``LOOKUP_COST`` of them and decoding one weight value ``DECODE_COST``
+    (memory bound). Measured on a 2-core x86 machine (see benchmarks/).
+    """
+    lut = ops["lut_build_macs"] + LOOKUP_COST * ops["lookups"]
+    dense = DECODE_COST * ops["decode_values"] + ops["dense_macs"]
+    return "lut" if lut <= dense else "dense"
+
+
+LOOKUP_COST = 8.0
+DECODE_COST = 30.0
+
+
+@register
+class QuantizedConvolution(_ProductQuantized, Convolution):
+    """A :class:`~qcnn.layers.conv.Convolution` with product-quantized weights (see module doc)."""
+
+    type = "QuantizedConvolution"
+    defaults = {**Convolution.defaults, **PQ_DEFAULTS}
+
+    def setup(self):
+        super().setup()
+        self._setup_pq()
+
+    def blob_shapes(self, input_shapes):
+        return self._pq_blob_shapes(input_shapes[0][1] // self.group, self.group, self.kernel)
+
+    def macs(self, input_shapes):
+        return self.pq_macs(input_shapes[0], self.group, self.stride, self.pad, self.dilation, self.kernel)
+
+    def forward(self, inputs):
+        return [self._pq_forward(inputs[0], self.group, self.stride, self.pad, self.dilation, self.kernel)]
+
+
+@register
+class QuantizedInnerProduct(_ProductQuantized, InnerProduct):
+    """An :class:`~qcnn.layers.dense.InnerProduct` with product-quantized weights (see module doc)."""
+
+    type = "QuantizedInnerProduct"
+    defaults = {**InnerProduct.defaults, **PQ_DEFAULTS, "subdim": 4, "num_codewords": 32}
+
+    def setup(self):
+        super().setup()
+        self._setup_pq()
+        if self.transpose:
+            raise ValueError("transpose is not supported for quantized inner products")
+
+    def blob_shapes(self, input_shapes):
+        _, k = self._split(input_shapes[0])
+        return self._pq_blob_shapes(k, 1, (1, 1))
+
+    def macs(self, input_shapes):
+        outer, k = self._split(input_shapes[0])
+        return self.pq_macs((int(np.prod(outer[1:])), k, 1, 1), 1, (1, 1), (0, 0), (1, 1), (1, 1))
+
+    def forward(self, inputs):
+        x = inputs[0]
+        outer, k = self._split(x.shape)
+        out = self._pq_forward(x.reshape(-1, k, 1, 1), 1, (1, 1), (0, 0), (1, 1), (1, 1))
+        return [out.reshape(outer + (self.num_output,))]

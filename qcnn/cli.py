@@ -82,6 +82,69 @@ def cmd_convert(args):
     return 0
 
 
+# ------------------------------------------------------------------ quantize
+
+def _layer_override(text):
+    name, _, value = text.partition("=")
+    if not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=SUBDIM,K or NAME=float, got {text!r}")
+    if value == "float":
+        return name, None
+    try:
+        subdim, k = (int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=SUBDIM,K or NAME=float, got {text!r}") from None
+    return name, (subdim, k)
+
+
+def cmd_quantize(args):
+    from qcnn.compress import quantize_net
+
+    if not args.no_ec:
+        raise QcnnError("error correction from calibration data is not available yet; pass --no-ec "
+                        "to quantize by k-means on the weights alone")
+    net = open_model(args.model)
+    for name, value in (("--conv-k", args.conv_k), ("--fc-k", args.fc_k)):
+        if not 1 <= value <= 256:
+            raise QcnnError(f"{name} must be between 1 and 256, got {value}")
+    for name, value in (("--conv-subdim", args.conv_subdim), ("--fc-subdim", args.fc_subdim)):
+        if value < 1:
+            raise QcnnError(f"{name} must be at least 1, got {value}")
+    overrides = dict(args.layer or [])
+    for name in args.skip or []:
+        overrides[name] = None
+    show = not (args.json or args.quiet)
+
+    def progress(row):
+        if show:
+            print(f"  {row['name']:<20} subdim {row['subdim']:>2}  K {row['num_codewords']:>3}  "
+                  f"weight error {row['weight_error']:.3f}  {row['seconds']:.1f} s", file=sys.stderr)
+
+    quantized, report = quantize_net(net, (args.conv_subdim, args.conv_k), (args.fc_subdim, args.fc_k),
+                                     overrides, shared_codebook=not args.per_group_codebooks,
+                                     seed=args.seed, kernel=args.kernel, progress=progress)
+    if not report:
+        raise QcnnError(f"{args.model}: no layer to quantize")
+    modelfile.save(quantized, args.output)
+    totals = _totals(quantized.summary())
+    if args.json:
+        json.dump({"model": str(args.model), "output": str(args.output), "layers": report,
+                   "total": totals}, sys.stdout, indent=1)
+        print()
+    elif not args.quiet:
+        print(f"wrote {args.output}: {_fmt_bytes(totals['dense_bytes'])} -> {_fmt_bytes(totals['bytes'])} "
+              f"({totals['compression']:.1f}x), {totals['dense_macs'] / 1e6:.1f}M -> "
+              f"{totals['macs'] / 1e6:.1f}M MACs ({totals['speedup']:.2f}x)")
+    return 0
+
+
+def _totals(rows):
+    total = {k: sum(r[k] for r in rows) for k in ("params", "bytes", "macs", "dense_bytes", "dense_macs")}
+    total["compression"] = total["dense_bytes"] / max(total["bytes"], 1)
+    total["speedup"] = total["dense_macs"] / max(total["macs"], 1)
+    return total
+
+
 # ------------------------------------------------------------------ info
 
 def _fmt_bytes(n):
@@ -91,7 +154,7 @@ def _fmt_bytes(n):
 def cmd_info(args):
     net = open_model(args.model, args.weights)
     rows = net.summary()
-    total = {k: sum(r[k] for r in rows) for k in ("params", "bytes", "macs")}
+    total = _totals(rows)
     if args.json:
         json.dump({"model": str(args.model), "name": net.name, "inputs": net.inputs,
                    "outputs": net.outputs, "layers": rows, "total": total,
@@ -101,13 +164,19 @@ def cmd_info(args):
     print(f"model {args.model}: {net.name}, inputs "
           + ", ".join(f"{k} {tuple(v)}" for k, v in net.inputs.items())
           + f", outputs {', '.join(net.outputs)}")
-    print(f"{'layer':<24} {'type':<13} {'output shape':<20} {'params':>11} {'MACs':>14} {'bytes':>11}")
+    print(f"{'layer':<22} {'type':<21} {'output shape':<14} {'params':>10} {'MACs before':>13} "
+          f"{'MACs after':>13} {'bytes before':>12} {'bytes after':>12} {'ratio':>6}")
+
+    def line(name, kind, shape, r):
+        ratio = f"{r['dense_bytes'] / r['bytes']:.1f}x" if r["bytes"] else ""
+        print(f"{name[:22]:<22} {kind:<21} {shape:<14} {r['params']:>10,} {r['dense_macs']:>13,} "
+              f"{r['macs']:>13,} {_fmt_bytes(r['dense_bytes']):>12} {_fmt_bytes(r['bytes']):>12} {ratio:>6}")
+
     for r in rows:
-        shape = "x".join(map(str, r["output_shapes"][0][1:]))
-        print(f"{r['name'][:24]:<24} {r['type']:<13} {shape:<20} {r['params']:>11,} "
-              f"{r['macs']:>14,} {_fmt_bytes(r['bytes']):>11}")
-    print(f"{'total':<24} {'':<13} {'':<20} {total['params']:>11,} {total['macs']:>14,} "
-          f"{_fmt_bytes(total['bytes']):>11}")
+        line(r["name"], r["type"], "x".join(map(str, r["output_shapes"][0][1:])), r)
+    line("total", "", "", total)
+    print(f"compression {total['compression']:.2f}x, theoretical speed-up {total['speedup']:.2f}x "
+          f"(multiply-adds, batch 1)")
     return 0
 
 
@@ -184,6 +253,27 @@ def build_parser():
     p.add_argument("--no-fold", action="store_true", help="keep BatchNorm/Scale as separate layers")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("quantize", help="product-quantize the conv and FC layers of a model")
+    p.add_argument("model", help=".qcnn model (or Caffe prototxt)")
+    p.add_argument("-o", "--output", required=True, help="output .qcnn file (written atomically)")
+    p.add_argument("--no-ec", action="store_true",
+                   help="k-means on the weights only, no error correction (needs no data)")
+    p.add_argument("--conv-subdim", type=int, default=8, help="C'_s of conv layers (default 8)")
+    p.add_argument("--conv-k", type=int, default=128, help="codewords per conv subspace (default 128)")
+    p.add_argument("--fc-subdim", type=int, default=4, help="C'_s of inner products (default 4)")
+    p.add_argument("--fc-k", type=int, default=32, help="codewords per FC subspace (default 32)")
+    p.add_argument("--layer", action="append", type=_layer_override, metavar="NAME=SUBDIM,K",
+                   help="settings of one layer (repeatable); NAME=float leaves it unquantized")
+    p.add_argument("--skip", action="append", metavar="NAME", help="leave this layer float (repeatable)")
+    p.add_argument("--per-group-codebooks", action="store_true",
+                   help="one codebook per group of a grouped conv (default: shared, as the authors)")
+    p.add_argument("--kernel", choices=["auto", "lut", "dense"], default="auto",
+                   help="how quantized layers run: lookup tables, decoded dense, or the faster")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("info", help="layers, shapes, parameters, MACs and bytes of a model")
     p.add_argument("model", help=".qcnn file or Caffe prototxt")

@@ -182,7 +182,9 @@ class Net:
         -------
         list of dict
             ``name``, ``type``, ``bottoms``, ``tops``, ``output_shapes`` (batch 1),
-            ``params`` (weight count), ``bytes`` (weight storage), ``macs``.
+            ``params`` (stored values), ``bytes`` (weight storage), ``macs``, and
+            ``dense_bytes``/``dense_macs``: the same for the float layer a
+            quantized layer replaces (equal to bytes/macs for float layers).
         """
         rows = []
         for layer in self.layers:
@@ -194,6 +196,8 @@ class Net:
                 "params": int(sum(b.size for b in layer.blobs)),
                 "bytes": layer.storage_bytes(),
                 "macs": int(layer.macs(shapes)),
+                "dense_bytes": int(layer.dense_bytes(shapes)),
+                "dense_macs": int(layer.dense_macs(shapes)),
             })
         return rows
 

@@ -130,6 +130,14 @@ class Layer:
         """Bytes the weights take in a model file."""
         return int(sum(b.nbytes for b in self.blobs))
 
+    def dense_bytes(self, input_shapes):
+        """Bytes of the float32 weights this layer stands for (``storage_bytes`` unless compressed)."""
+        return self.storage_bytes()
+
+    def dense_macs(self, input_shapes):
+        """Multiply-accumulates of the float layer this layer stands for (``macs`` unless compressed)."""
+        return self.macs(input_shapes)
+
     def output_shapes(self, input_shapes):
         """Output shapes (tuples, batch first) for the given input shapes; validates."""
         raise NotImplementedError

@@ -104,7 +104,7 @@ class Convolution(Layer):
 
     def macs(self, input_shapes):
         ho, wo = self.out_size(input_shapes[0][2:])
-        return ho * wo * self.blobs[0].size if self.blobs else 0
+        return ho * wo * self.num_output * (input_shapes[0][1] // self.group) * self.kernel[0] * self.kernel[1]
 
     def forward(self, inputs):
         return [convolve(inputs[0], self.blobs[0], self.blobs[1] if self.bias_term else None,

@@ -17,7 +17,6 @@ network's dense weights are never all in memory.
 
 import numpy as np
 
-from qcnn.kernels import lut
 from qcnn.layers.base import register
 from qcnn.layers.conv import Convolution, conv_output_size, convolve, pad_for_windows
 from qcnn.layers.dense import InnerProduct
@@ -82,6 +81,8 @@ class _ProductQuantized:
             return convolve(x, self.decoded_weight(x.shape[1] // group), bias, stride, pad, dilation, group)
         out_size = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
                          zip(x.shape[2:], kernel_size, stride, pad, dilation))
+        from qcnn.kernels import lut  # Numba takes 0.4 s to import: only when a LUT layer runs
+
         if self._kernel_codes is None:
             self._kernel_codes = lut.prepare_codes(self.blobs[1], group)
         padded = pad_for_windows(np.asarray(x, np.float32), kernel_size, stride, pad, dilation, out_size)
@@ -143,6 +144,12 @@ class QuantizedConvolution(_ProductQuantized, Convolution):
     def macs(self, input_shapes):
         return self.pq_macs(input_shapes[0], self.group, self.stride, self.pad, self.dilation, self.kernel)
 
+    def dense_macs(self, input_shapes):
+        return Convolution.macs(self, input_shapes)
+
+    def dense_bytes(self, input_shapes):
+        return 4 * sum(int(np.prod(s)) for s in Convolution.blob_shapes(self, input_shapes))
+
     def forward(self, inputs):
         return [self._pq_forward(inputs[0], self.group, self.stride, self.pad, self.dilation, self.kernel)]
 
@@ -167,6 +174,12 @@ class QuantizedInnerProduct(_ProductQuantized, InnerProduct):
     def macs(self, input_shapes):
         outer, k = self._split(input_shapes[0])
         return self.pq_macs((int(np.prod(outer[1:])), k, 1, 1), 1, (1, 1), (0, 0), (1, 1), (1, 1))
+
+    def dense_macs(self, input_shapes):
+        return InnerProduct.macs(self, input_shapes)
+
+    def dense_bytes(self, input_shapes):
+        return 4 * sum(int(np.prod(s)) for s in InnerProduct.blob_shapes(self, input_shapes))
 
     def forward(self, inputs):
         x = inputs[0]

@@ -4,7 +4,9 @@ Settings follow the paper's defaults (Q-CNN, section 2): convolutions
 ``subdim`` (C'_s) 8 with K = 128 codewords, inner products ``subdim`` 4 with
 K = 32; a convolution with fewer input channels per group than its
 ``subdim`` (the first RGB layer, a depthwise layer) uses one subspace of all
-its channels. Per-layer overrides and skips are allowed. This module does
+its channels. Layers too small to gain (codebooks larger than the float
+weights, e.g. a 10-way classifier) stay float. Per-layer overrides and skips
+are allowed. This module does
 plain k-means on the weights (no calibration data).
 """
 
@@ -17,13 +19,16 @@ from qcnn.graph import Net
 from qcnn.layers.conv import Convolution
 from qcnn.layers.dense import InnerProduct
 from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct
-from qcnn.quantization.pq import decode, num_subspaces, quantize_weight
+from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage_bytes
 
 _QUANTIZED = {Convolution: QuantizedConvolution, InnerProduct: QuantizedInnerProduct}
 
 
-def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None):
+def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True):
     """``(subdim, num_codewords)`` for ``layer``, or None if it is not quantized.
+
+    By default conv and inner-product layers are quantized unless that would
+    not make them smaller; an override always applies.
 
     Parameters
     ----------
@@ -32,6 +37,8 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None):
         Defaults for Convolution and InnerProduct layers.
     overrides : dict, optional
         Layer name -> ``(subdim, num_codewords)``, or None to leave that layer float.
+    shared : bool
+        Codebooks shared by the groups of a grouped convolution.
     """
     overrides = overrides or {}
     if type(layer) not in _QUANTIZED:
@@ -40,11 +47,13 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None):
         return None
     if layer.name in overrides:
         return None if overrides[layer.name] is None else tuple(int(v) for v in overrides[layer.name])
-    if isinstance(layer, Convolution):
-        channels = layer.input_shapes[0][1] // layer.group
-        subdim, k = conv
-        return (min(subdim, channels), k)
-    return tuple(fc)
+    group = getattr(layer, "group", 1)
+    weight_shape = layer.blobs[0].shape if layer.blobs[0].ndim == 4 else layer.blobs[0].shape + (1, 1)
+    subdim, k = conv if isinstance(layer, Convolution) else fc
+    subdim = min(subdim, weight_shape[1])  # e.g. an RGB first layer: one subspace of 3 channels
+    if storage_bytes(weight_shape, group, subdim, k, shared) >= 4 * int(np.prod(weight_shape)):
+        return None  # too small a layer: the codebooks alone outweigh its float weights
+    return (subdim, k)
 
 
 def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook=True, seed=0,
@@ -81,7 +90,7 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         raise QcnnError(f"no layer named {', '.join(sorted(unknown))} in network '{net.name}'")
     layers, report = [], []
     for index, layer in enumerate(net.layers):
-        settings = layer_settings(layer, conv, fc, overrides)
+        settings = layer_settings(layer, conv, fc, overrides, shared_codebook)
         if settings is None:
             layers.append(layer)
             continue

@@ -4,36 +4,42 @@ One call clusters M independent subspaces (``prange`` over subspaces in the
 parallel variant). Per subspace, with n points of dimension d and K codewords:
 
 1. **Few distinct points.** A small hash table counts the distinct points,
-   giving up as soon as it has seen K + 1 (for ordinary data after K + 1
+   giving up as soon as it has seen K + 1 (for ordinary data: after K + 1
    points). With at most K distinct points the codebook is those points
    (later rows repeat the first) and the quantization is exact.
 2. **Growth.** Otherwise each of ``n_init`` restarts grows the codebook one
    codeword at a time. Stage 1 is the mean of all points (the 1-means
-   optimum). Stage k adds codeword k by greedy k-means++ (D^2) seeding: a few
-   candidates are drawn with probability proportional to each point's squared
-   distance to its current codeword, the one that lowers the distortion most
-   is kept, and Lloyd iterations follow. Adding a codeword never raises the
-   distortion and a Lloyd stage never accepts a step that does, so stage k's
-   result (which *is* the answer for K = k) is never worse than stage k - 1's:
-   the distortion is non-increasing in K by construction, not by chance.
+   optimum). Stage k adds codeword k by greedy k-means++ (D^2) seeding: 2 +
+   ln k candidates are drawn with probability proportional to each point's
+   squared distance to its codeword, the one that lowers the distortion most
+   is kept, and Lloyd iterations follow. Adding a codeword lowers no point's
+   distance; if rounding ever made a stage's Lloyd iterations end above the
+   distortion they started from, the stage falls back to its starting point.
+   So stage k's result (which *is* the answer for K = k) is never worse than
+   stage k - 1's: the distortion is non-increasing in K by construction.
    Random numbers are a counter-based hash of (seed, stage, draw), so a run
    for K passes through exactly the states of the runs for every smaller K.
 3. **Lloyd** iterations stop when no point moves (and no cluster is empty),
-   when the relative improvement is below ``tol``, or after ``max_iter``. An
-   empty cluster is re-seeded with the point farthest from its codeword (one
-   per iteration, taken from a cluster with at least two points); clusters
-   still empty when a stage stops are repaired the same way afterwards, so all
-   K codewords are used whenever there are more than K distinct points.
+   when an iteration improves the distortion by less than ``tol`` times its
+   value, or after ``max_iter``. An empty cluster is re-seeded with the point
+   farthest from its codeword (one per iteration, from a cluster of at least
+   two points); clusters still empty when a stage stops are repaired the same
+   way afterwards, so all K codewords are used whenever there are more than K
+   distinct points.
 
-Speed. Distances are float32 ``sum_j (x_j - c_j)^2``, always accumulated in
-the same order so every code path gets the same value for the same pair; no
+Speed. The assignment step uses Hamerly's bounds: per point an upper bound
+of the distance to its codeword and a lower bound of the distance to every
+other codeword, moved by how far the codewords moved; only points whose
+bounds overlap are looked at, and only those still in doubt after an exact
+distance to their own codeword are compared with all codewords (a loop over
+the codebook stored transposed, (d, K), that LLVM vectorises). Passes over
+all points (D^2 candidates, offering a new codeword) loop over points stored
+transposed, (d, n), also vectorised. Cluster sums, sums of squared norms and
+counts are float64 and updated only for points that change cluster, so a
+Lloyd iteration's distortion costs O(K d), not O(n d). Squared distances are
+float32 ``sum_j (x_j - c_j)^2``, always accumulated in the same order; no
 fastmath (no contraction or reassociation), so the serial and parallel
-variants give bit-identical results. The assignment step is incremental and
-exact: only centres that moved are compared against all points, in a loop over
-points that LLVM vectorises (points stored transposed, (d, n)); a point is
-compared with all K centres (a loop over the codebook stored transposed,
-(d, K), also vectorised) only when its own centre moved away from it. Cluster
-sums are float64 and updated only for points that change cluster.
+variants give bit-identical results.
 """
 
 import numpy as np
@@ -42,6 +48,9 @@ from numba import njit, prange
 from qcnn.kernels.jit import serial_and_parallel
 
 MAX_TRIALS = 8  # greedy k-means++ candidates per stage: 2 + floor(ln k) <= 7 for k <= 256
+MARGIN = np.float32(1 - 1e-5)  # bounds are float32: compare with some room for rounding
+BIG_MOVERS = 8  # per Lloyd iteration, at most this many centres are offered to all points ...
+BIG_FRACTION = np.float32(0.1)  # ... those that moved more than this fraction of the largest move
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -62,22 +71,24 @@ def _uniform(seed, stage, trial):
 
 @njit(cache=True, nogil=True)
 def _sum(values, n):
-    """float64 sum of ``values[:n]`` (float32) in a fixed order (four interleaved partial sums)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
+    """float64 sum of ``values[:n]`` (float32) in a fixed order: eight interleaved
+    partial sums (independent lanes, so LLVM vectorises without reassociating)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
     i = 0
-    while i + 4 <= n:
+    while i + 8 <= n:
         s0 += values[i]
         s1 += values[i + 1]
         s2 += values[i + 2]
         s3 += values[i + 3]
-        i += 4
+        s4 += values[i + 4]
+        s5 += values[i + 5]
+        s6 += values[i + 6]
+        s7 += values[i + 7]
+        i += 8
     while i < n:
         s0 += values[i]
         i += 1
-    return (s0 + s1) + (s2 + s3)
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @njit(cache=True, nogil=True)
@@ -145,31 +156,57 @@ def _set_centre(centres, centres_t, c, values):
 
 
 @njit(cache=True, nogil=True)
-def _nearest_to_centre(xt, centres, c, assign, dist, scratch):
-    """Move every point strictly closer to centre ``c`` than to its own centre to ``c``.
-
-    Vectorised over points: ``xt`` is (d, n); ``scratch`` (n,) float32.
-    """
+def _distances_to(xt, centre, out):
+    """Squared distances (n,) float32 of all points ``xt`` (d, n) to ``centre`` (d,).
+    Vectorised over points."""
     d, n = xt.shape
     for i in range(n):
-        scratch[i] = 0.0
+        out[i] = 0.0
     for j in range(d):
-        cj = centres[c, j]
+        cj = centre[j]
         row = xt[j]
         for i in range(n):
             t = row[i] - cj
-            scratch[i] += t * t
-    for i in range(n):
-        closer = scratch[i] < dist[i]
-        dist[i] = scratch[i] if closer else dist[i]
-        assign[i] = c if closer else assign[i]
+            out[i] += t * t
+
+
+@njit(cache=True, nogil=True)
+def _own_distances(x, centres, assign, out):
+    """Squared distance (n,) float32 of every point to its own centre."""
+    for i in range(x.shape[0]):
+        out[i] = _distance(x[i], centres[assign[i]])
+
+
+@njit(cache=True, nogil=True)
+def _offer(distances, c, assign, dist, lower):
+    """Offer centre ``c``, at squared ``distances`` (n,), to every point.
+
+    A point strictly closer to ``c`` than to its own centre moves to ``c`` and
+    its old centre's distance bounds ``lower`` (the Euclidean lower bound of the
+    distance to the other centres); otherwise ``c``'s distance bounds it, unless
+    ``c`` is its own centre. ``dist`` (squared distance to the own centre) must
+    be exact. Selects only: vectorised over points.
+    """
+    c32 = np.int32(c)
+    for i in range(dist.shape[0]):
+        new = distances[i]
+        own = dist[i]
+        a = assign[i]
+        low = lower[i]
+        closer = new < own
+        loser = own if closer else new
+        bound = np.sqrt(loser)
+        lower[i] = low if (a == c32 or low < bound) else bound
+        dist[i] = new if closer else own
+        assign[i] = c32 if closer else a
 
 
 @njit(cache=True, nogil=True)
 def _full_scan(x, centres_t, k, buffer):
-    """(index, squared distance) of the nearest of the first ``k`` centres to ``x`` (d,).
+    """Nearest of the first ``k`` centres to ``x`` (d,): (index, its squared distance, the
+    runner-up's squared distance (inf when k == 1)). Ties go to the lowest index.
 
-    Vectorised over centres: ``centres_t`` is (d, K); ties go to the lowest index.
+    Vectorised over centres: ``centres_t`` is (d, K).
     """
     d = x.shape[0]
     for c in range(k):
@@ -182,46 +219,70 @@ def _full_scan(x, centres_t, k, buffer):
             buffer[c] += t * t
     best = 0
     best_dist = buffer[0]
+    second = np.float32(np.inf)
     for c in range(1, k):
-        if buffer[c] < best_dist:
-            best_dist = buffer[c]
+        v = buffer[c]
+        if v < best_dist:
+            second = best_dist
+            best_dist = v
             best = c
-    return best, best_dist
+        elif v < second:
+            second = v
+    return best, best_dist, second
 
 
 @njit(cache=True, nogil=True)
-def _bookkeep(x, assign, previous, sums, counts, changed):
-    """Update cluster sums and counts for points whose cluster changed; returns how many."""
-    n, d = x.shape
-    moved = 0
-    for i in range(n):
-        new = assign[i]
-        old = previous[i]
-        if new != old:
-            moved += 1
-            counts[old] -= 1
-            counts[new] += 1
-            changed[old] = True
-            changed[new] = True
-            for j in range(d):
-                v = np.float64(x[i, j])
-                sums[old, j] -= v
-                sums[new, j] += v
-    return moved
+def _move(x, norms, i, old, new, sums, squares, counts, changed):
+    """Point ``i`` leaves cluster ``old`` for ``new``: update the cluster statistics."""
+    counts[old] -= 1
+    counts[new] += 1
+    squares[old] -= norms[i]
+    squares[new] += norms[i]
+    changed[old] = True
+    changed[new] = True
+    for j in range(x.shape[1]):
+        v = np.float64(x[i, j])
+        sums[old, j] -= v
+        sums[new, j] += v
 
 
 @njit(cache=True, nogil=True)
-def _rebuild(x, centres, k, assign, dist, sums, counts):
-    """Recompute distances, sums and counts from scratch (after a rejected step)."""
-    n, d = x.shape
+def _bookkeep(x, norms, assign, previous, sums, squares, counts, changed):
+    """Statistics for every point whose cluster differs from ``previous``."""
+    for i in range(x.shape[0]):
+        if assign[i] != previous[i]:
+            _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
+
+
+@njit(cache=True, nogil=True)
+def _rebuild(x, norms, k, assign, sums, squares, counts):
+    """Cluster statistics from scratch."""
     sums[:k] = 0.0
+    squares[:k] = 0.0
     counts[:k] = 0
-    for i in range(n):
+    for i in range(x.shape[0]):
         a = assign[i]
-        dist[i] = _distance(x[i], centres[a])
         counts[a] += 1
-        for j in range(d):
+        squares[a] += norms[i]
+        for j in range(x.shape[1]):
             sums[a, j] += np.float64(x[i, j])
+
+
+@njit(cache=True, nogil=True)
+def _statistics_distortion(centres, k, sums, squares, counts):
+    """Sum of squared errors from the cluster statistics:
+    sum_c (sum |x|^2 - 2 c . sum x + count |c|^2), float64, O(k d)."""
+    total = 0.0
+    for c in range(k):
+        if counts[c] > 0:
+            dot = 0.0
+            norm = 0.0
+            for j in range(centres.shape[1]):
+                v = np.float64(centres[c, j])
+                dot += v * sums[c, j]
+                norm += v * v
+            total += squares[c] - 2.0 * dot + counts[c] * norm
+    return total
 
 
 @njit(cache=True, nogil=True)
@@ -245,11 +306,11 @@ def _first_empty(counts, k):
 
 
 @njit(cache=True, nogil=True)
-def _repair_after(x, xt, centres, centres_t, k, assign, dist, sums, counts, changed, previous,
-                  scratch):
-    """Re-seed empty clusters (after a stage stopped) until none is left or none can be."""
-    n = x.shape[0]
-    for _ in range(n):
+def _repair(x, xt, norms, centres, centres_t, k, assign, dist, lower, sums, squares, counts,
+            changed, previous, scratch):
+    """Re-seed empty clusters with the farthest points until none is left or none can be.
+    ``dist`` must be exact on entry and stays exact."""
+    for _ in range(x.shape[0]):
         empty = _first_empty(counts, k)
         if empty < 0:
             return
@@ -257,128 +318,183 @@ def _repair_after(x, xt, centres, centres_t, k, assign, dist, sums, counts, chan
         if far < 0:
             return
         _set_centre(centres, centres_t, empty, x[far])
+        _distances_to(xt, centres[empty], scratch)
+        scratch[far] = 0.0
         previous[:] = assign
-        assign[far] = empty
-        dist[far] = 0.0
-        _nearest_to_centre(xt, centres, empty, assign, dist, scratch)
-        _bookkeep(x, assign, previous, sums, counts, changed)
+        _offer(scratch, empty, assign, dist, lower)
+        _bookkeep(x, norms, assign, previous, sums, squares, counts, changed)
 
 
 @njit(cache=True, nogil=True)
-def _lloyd(x, xt, centres, centres_t, k, assign, dist, sums, counts, changed, distortion,
-           max_iter, tol, previous, saved, moved_centre, delta, full, scratch, buffer):
-    """Lloyd iterations on the first ``k`` centres from a state where every point is at its
-    nearest centre. Returns (distortion, iterations)."""
+def _lloyd(x, xt, norms, centres, centres_t, k, assign, upper, lower, dist, sums, squares, counts,
+           changed, max_iter, tol, move, others, big, big_list, candidates, nearest_big, scratch,
+           buffer):
+    """Lloyd iterations on the first ``k`` centres; returns the number of iterations.
+
+    On entry every point is at its nearest centre, ``upper`` (Euclidean) bounds
+    its distance to it from above and ``lower`` its distance to every other
+    centre from below; ``changed`` flags clusters whose members changed since
+    their centre was last computed. ``dist`` is scratch (exact distances are
+    only needed to find the farthest point for an empty cluster).
+    """
     n, d = x.shape
+    distortion = _statistics_distortion(centres, k, sums, squares, counts)
     iterations = 0
     while iterations < max_iter:
         iterations += 1
-        saved[:k] = centres[:k]
-        previous[:] = assign
-        # update step: changed clusters' centres to their means
-        n_delta = 0
+        # update step: centres of changed clusters to their means; how far each moved
         for c in range(k):
+            move[c] = 0.0
             if changed[c] and counts[c] > 0:
-                shifted = False
+                shift = np.float32(0.0)
                 for j in range(d):
                     v = np.float32(sums[c, j] / counts[c])
-                    if v != centres[c, j]:
-                        shifted = True
+                    t = v - centres[c, j]
+                    shift += t * t
                     centres[c, j] = v
                     centres_t[j, c] = v
-                if shifted:
-                    moved_centre[c] = True
-                    delta[n_delta] = c
-                    n_delta += 1
+                move[c] = np.sqrt(shift)
             changed[c] = False
         # one empty cluster: re-seed it with the point farthest from its codeword
         empty = _first_empty(counts, k)
         if empty >= 0:
+            _own_distances(x, centres, assign, dist)
             far = _farthest(dist, assign, counts)
             if far >= 0:
-                # sums and counts follow in the bookkeeping below, like any other move
+                move[empty] = np.sqrt(_distance(x[far], centres[empty]))
                 _set_centre(centres, centres_t, empty, x[far])
+                _move(x, norms, far, assign[far], empty, sums, squares, counts, changed)
                 assign[far] = empty
-                dist[far] = 0.0
-                if not moved_centre[empty]:
-                    moved_centre[empty] = True
-                    delta[n_delta] = empty
-                    n_delta += 1
-        # assignment step, incremental: a point's nearest centre is its own or one that moved
-        n_full = 0
-        for i in range(n):
-            own = assign[i]
-            if moved_centre[own]:
-                new_dist = _distance(x[i], centres[own])
-                if new_dist > dist[i]:
-                    full[n_full] = i
-                    n_full += 1
-                dist[i] = new_dist
-        for t in range(n_delta):
-            _nearest_to_centre(xt, centres, delta[t], assign, dist, scratch)
-        for t in range(n_full):
-            i = full[t]
-            best, best_dist = _full_scan(x[i], centres_t, k, buffer)
-            assign[i] = best
-            dist[i] = best_dist
-        for t in range(n_delta):
-            moved_centre[delta[t]] = False
-        moved = _bookkeep(x, assign, previous, sums, counts, changed)
-        new_distortion = _sum(dist, n)
-        if new_distortion > distortion:
-            # rounding made the step worse: undo it and stop
+                upper[far] = 0.0
+                lower[far] = -np.inf  # looked at again below
+        # The centres that moved most are offered to every point exactly (a pass over
+        # the points per centre, vectorised); the others only loosen the bounds, by
+        # at most the largest of their moves.
+        largest = np.float32(0.0)
+        for c in range(k):
+            largest = max(largest, move[c])
+        n_big = 0
+        while n_big < BIG_MOVERS:
+            pick = -1
+            pick_move = largest * BIG_FRACTION
             for c in range(k):
-                _set_centre(centres, centres_t, c, saved[c])
+                if move[c] > pick_move and not big[c]:
+                    pick = c
+                    pick_move = move[c]
+            if pick < 0:
+                break
+            big[pick] = True
+            big_list[n_big] = pick
+            n_big += 1
+        first = np.float32(0.0)
+        second = np.float32(0.0)
+        first_c = -1
+        for c in range(k):
+            m = np.float32(0.0) if big[c] else move[c]
+            if m > first:
+                second = first
+                first = m
+                first_c = c
+            elif m > second:
+                second = m
+        for c in range(k):
+            others[c] = second if c == first_c else first
+        for t in range(n_big):
+            c = big_list[t]
+            c32 = np.int32(c)
+            _distances_to(xt, centres[c], scratch)
             for i in range(n):
-                assign[i] = previous[i]
-            _rebuild(x, centres, k, assign, dist, sums, counts)
-            for c in range(k):
-                changed[c] = True
-            distortion = _sum(dist, n)
-            break
+                v = scratch[i]
+                own = assign[i] == c32
+                nearest_big[i] = v if (v < nearest_big[i] and not own) else nearest_big[i]
+                dist[i] = v if own else dist[i]
+        n_candidates = 0
+        if n_big > 0:
+            for i in range(n):
+                a = assign[i]
+                u = np.sqrt(dist[i]) if big[a] else upper[i] + move[a]
+                low = min(lower[i] - others[a], np.sqrt(nearest_big[i]))
+                nearest_big[i] = np.inf
+                upper[i] = u
+                lower[i] = low
+                candidates[n_candidates] = i
+                n_candidates += 1 if u > low * MARGIN else 0
+            for t in range(n_big):
+                big[big_list[t]] = False
+        else:
+            for i in range(n):
+                a = assign[i]
+                u = upper[i] + move[a]
+                low = lower[i] - others[a]
+                upper[i] = u
+                lower[i] = low
+                candidates[n_candidates] = i
+                n_candidates += 1 if u > low * MARGIN else 0
+        # assignment step for the points whose bounds overlap
+        moved = 0
+        for t in range(n_candidates):
+            i = candidates[t]
+            a = assign[i]
+            u = np.sqrt(_distance(x[i], centres[a]))
+            upper[i] = u
+            if u > lower[i] * MARGIN:
+                best, best_dist, runner_up = _full_scan(x[i], centres_t, k, buffer)
+                upper[i] = np.sqrt(best_dist)
+                lower[i] = np.sqrt(runner_up)
+                if best != a:
+                    _move(x, norms, i, a, best, sums, squares, counts, changed)
+                    assign[i] = best
+                    moved += 1
+        new_distortion = _statistics_distortion(centres, k, sums, squares, counts)
         improvement = distortion - new_distortion
         distortion = new_distortion
         if _first_empty(counts, k) >= 0:
             continue
         if moved == 0 or improvement <= tol * (distortion + improvement):
             break
-    return distortion, iterations
+    return iterations
 
 
 @njit(cache=True, nogil=True)
-def _grow(x, xt, num_codewords, max_iter, tol, seed, centres, assign):
-    """One restart: grow from 1 to ``num_codewords`` centres; fills ``centres`` (K, d)
-    float32 and ``assign`` (n,) int32. Returns (distortion, iterations of the last stage)."""
+def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
+    """One restart: grow from 1 to ``num_codewords`` centres.
+
+    Fills ``centres`` (K, d) float32 and ``assign`` (n,) int32; returns
+    (distortion, Lloyd iterations of the last stage).
+    """
     n, d = x.shape
     k_max = num_codewords
     centres_t = np.zeros((d, k_max), np.float32)
     sums = np.zeros((k_max, d), np.float64)
+    squares = np.zeros(k_max, np.float64)
     counts = np.zeros(k_max, np.int64)
     changed = np.zeros(k_max, np.bool_)
-    moved_centre = np.zeros(k_max, np.bool_)
-    delta = np.empty(k_max, np.int64)
-    saved = np.empty((k_max, d), np.float32)
+    move = np.zeros(k_max, np.float32)
+    others = np.zeros(k_max, np.float32)
+    big = np.zeros(k_max, np.bool_)
+    big_list = np.empty(k_max, np.int64)
+    nearest_big = np.full(n, np.inf, np.float32)
+    buffer = np.empty(k_max, np.float32)
+    saved_centres = np.empty((k_max, d), np.float32)
     dist = np.empty(n, np.float32)
+    upper = np.empty(n, np.float32)
+    lower = np.full(n, np.inf, np.float32)
     previous = np.empty(n, np.int32)
-    full = np.empty(n, np.int64)
+    saved_assign = np.empty(n, np.int32)
+    candidates = np.empty(n, np.int64)
     scratch = np.empty(n, np.float32)
     trial_dist = np.empty(n, np.float32)
     best_dist = np.empty(n, np.float32)
     cumulative = np.empty(n, np.float64)
-    buffer = np.empty(k_max, np.float32)
 
     # stage 1: the mean
-    for i in range(n):
-        assign[i] = 0
-        for j in range(d):
-            sums[0, j] += np.float64(x[i, j])
-    counts[0] = n
+    assign[:] = 0
+    _rebuild(x, norms, 1, assign, sums, squares, counts)
     for j in range(d):
         v = np.float32(sums[0, j] / n)
         centres[0, j] = v
         centres_t[j, 0] = v
-    for i in range(n):
-        dist[i] = _distance(x[i], centres[0])
+    _own_distances(x, centres, assign, dist)
     distortion = _sum(dist, n)
     iterations = 1
 
@@ -407,14 +523,7 @@ def _grow(x, xt, num_codewords, max_iter, tol, seed, centres, assign):
                     candidate = n - 1
                     while dist[candidate] <= 0.0:
                         candidate -= 1
-                for i in range(n):
-                    trial_dist[i] = 0.0
-                for j in range(d):
-                    cj = x[candidate, j]
-                    row = xt[j]
-                    for i in range(n):
-                        t = row[i] - cj
-                        trial_dist[i] += t * t
+                _distances_to(xt, x[candidate], trial_dist)
                 for i in range(n):
                     scratch[i] = min(trial_dist[i], dist[i])
                 potential = _sum(scratch, n)
@@ -432,28 +541,44 @@ def _grow(x, xt, num_codewords, max_iter, tol, seed, centres, assign):
                 if chosen >= 0:
                     break
             if chosen >= 0:
-                for i in range(n):
-                    best_dist[i] = _distance(x[i], x[chosen])
+                _distances_to(xt, x[chosen], best_dist)
         if chosen < 0:
             # nothing left to separate: repeat the first codeword
             _set_centre(centres, centres_t, k, centres[0])
+            lower[:] = 0.0
             continue
+        # add the codeword and move the points nearer to it
         _set_centre(centres, centres_t, k, x[chosen])
+        best_dist[chosen] = 0.0
+        if dist[chosen] <= 0.0:  # its distance rounded to 0: make it move anyway
+            dist[chosen] = np.float32(np.inf)
         previous[:] = assign
+        _offer(best_dist, k, assign, dist, lower)
+        _bookkeep(x, norms, assign, previous, sums, squares, counts, changed)
+        k_now = k + 1
+        start = _sum(dist, n)
+        saved_assign[:] = assign
+        saved_centres[:k_now] = centres[:k_now]
         for i in range(n):
-            closer = best_dist[i] < dist[i]
-            dist[i] = best_dist[i] if closer else dist[i]
-            assign[i] = k if closer else assign[i]
-        if assign[chosen] != k:  # only when its distance rounded to 0
-            assign[chosen] = k
-            dist[chosen] = 0.0
-        _bookkeep(x, assign, previous, sums, counts, changed)
+            upper[i] = np.sqrt(dist[i])
+        iterations = _lloyd(x, xt, norms, centres, centres_t, k_now, assign, upper, lower, dist, sums,
+                            squares, counts, changed, max_iter, tol, move, others, big, big_list,
+                            candidates, nearest_big, scratch, buffer)
+        _own_distances(x, centres, assign, dist)
         distortion = _sum(dist, n)
-        distortion, iterations = _lloyd(x, xt, centres, centres_t, k + 1, assign, dist, sums, counts,
-                                        changed, distortion, max_iter, tol, previous, saved,
-                                        moved_centre, delta, full, scratch, buffer)
-        _repair_after(x, xt, centres, centres_t, k + 1, assign, dist, sums, counts, changed, previous,
-                      scratch)
+        if distortion > start:
+            # rounding left the stage worse than it started: go back to its start
+            assign[:] = saved_assign
+            for c in range(k_now):
+                _set_centre(centres, centres_t, c, saved_centres[c])
+            _rebuild(x, norms, k_now, assign, sums, squares, counts)
+            changed[:k_now] = True
+            _own_distances(x, centres, assign, dist)
+            for i in range(n):
+                best, best_d, runner_up = _full_scan(x[i], centres_t, k_now, buffer)
+                lower[i] = np.sqrt(runner_up if best == assign[i] else best_d)
+        _repair(x, xt, norms, centres, centres_t, k_now, assign, dist, lower, sums, squares, counts,
+                changed, previous, scratch)
         distortion = _sum(dist, n)
     return distortion, iterations
 
@@ -476,11 +601,18 @@ def _kmeans_subspace(x, bits, num_codewords, n_init, max_iter, tol, seeds, codeb
             codes[i] = labels[i]
         return 0.0, 0
     xt = np.ascontiguousarray(x.T)
+    norms = np.empty(n, np.float64)
+    for i in range(n):
+        s = 0.0
+        for j in range(d):
+            v = np.float64(x[i, j])
+            s += v * v
+        norms[i] = s
     centres = np.empty((k, d), np.float32)
     best = np.inf
     best_iterations = 0
     for restart in range(n_init):
-        distortion, iterations = _grow(x, xt, k, max_iter, tol, seeds[restart], centres, labels)
+        distortion, iterations = _grow(x, xt, norms, k, max_iter, tol, seeds[restart], centres, labels)
         if distortion < best:
             best = distortion
             best_iterations = iterations

@@ -21,6 +21,7 @@ from qcnn.layers.base import register
 from qcnn.layers.conv import Convolution, conv_output_size, convolve, pad_for_windows
 from qcnn.layers.dense import InnerProduct
 from qcnn.quantization.pq import code_bits, decode, num_subspaces
+from qcnn.quantization.pq import storage_bytes as pq_storage_bytes
 
 KERNELS = ("auto", "lut", "dense")
 PQ_DEFAULTS = {"subdim": 8, "num_codewords": 128, "shared_codebook": True, "kernel": "auto",
@@ -63,9 +64,10 @@ class _ProductQuantized:
 
     def storage_bytes(self):
         """Bytes on disk: float32 codebooks and biases, codes at ceil(log2 K) bits."""
-        bits = code_bits(self.params["num_codewords"])
-        return int(self.blobs[0].nbytes + -(-self.blobs[1].size * bits // 8)
-                   + sum(b.nbytes for b in self.blobs[2:]))
+        books, m, k, subdim = self.blobs[0].shape
+        c_out, kh, kw, _ = self.blobs[1].shape
+        return pq_storage_bytes((c_out, m * subdim, kh, kw), books, subdim, k, shared=books == 1) \
+            + int(sum(b.nbytes for b in self.blobs[2:]))
 
     def decoded_weight(self, channels):
         """The dense weights ``W_q`` (C_t, C_s, kh, kw), float32, built now (not cached)."""

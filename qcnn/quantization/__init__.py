@@ -1,5 +1,5 @@
-"""Product quantization of weights: codebook learning and codes (Q-CNN, section 1)."""
+"""Product quantization of weights: codebook learning and codes (Q-CNN, section 1).
 
-from qcnn.quantization.kmeans import KMeansResult, kmeans
-
-__all__ = ["KMeansResult", "kmeans"]
+Modules: :mod:`qcnn.quantization.kmeans` (``kmeans``: k-means in many subspaces),
+:mod:`qcnn.quantization.pq` (sub-vectors of conv / inner-product weights, codes).
+"""

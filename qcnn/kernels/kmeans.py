@@ -49,8 +49,6 @@ from qcnn.kernels.jit import serial_and_parallel
 
 MAX_TRIALS = 8  # greedy k-means++ candidates per stage: 2 + floor(ln k) <= 7 for k <= 256
 MARGIN = np.float32(1 - 1e-5)  # bounds are float32: compare with some room for rounding
-BIG_MOVERS = 8  # per Lloyd iteration, at most this many centres are offered to all points ...
-BIG_FRACTION = np.float32(0.1)  # ... those that moved more than this fraction of the largest move
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -178,36 +176,10 @@ def _own_distances(x, centres, assign, out):
 
 
 @njit(cache=True, nogil=True)
-def _offer(distances, c, assign, dist, lower):
-    """Offer centre ``c``, at squared ``distances`` (n,), to every point.
-
-    A point strictly closer to ``c`` than to its own centre moves to ``c`` and
-    its old centre's distance bounds ``lower`` (the Euclidean lower bound of the
-    distance to the other centres); otherwise ``c``'s distance bounds it, unless
-    ``c`` is its own centre. ``dist`` (squared distance to the own centre) must
-    be exact. Selects only: vectorised over points.
-    """
-    c32 = np.int32(c)
-    for i in range(dist.shape[0]):
-        new = distances[i]
-        own = dist[i]
-        a = assign[i]
-        low = lower[i]
-        closer = new < own
-        loser = own if closer else new
-        bound = np.sqrt(loser)
-        lower[i] = low if (a == c32 or low < bound) else bound
-        dist[i] = new if closer else own
-        assign[i] = c32 if closer else a
-
-
-@njit(cache=True, nogil=True)
-def _full_scan(x, centres_t, k, buffer):
-    """Nearest of the first ``k`` centres to ``x`` (d,): (index, its squared distance, the
-    runner-up's squared distance (inf when k == 1)). Ties go to the lowest index.
-
-    Vectorised over centres: ``centres_t`` is (d, K).
-    """
+def _top3(x, centres_t, k, buffer):
+    """The two nearest of the first ``k`` centres to ``x`` (d,) and the third distance:
+    (c1, d1, c2, d2, d3), squared distances (inf where there are fewer centres);
+    ties go to the lower index. Vectorised over centres: ``centres_t`` is (d, K)."""
     d = x.shape[0]
     for c in range(k):
         buffer[c] = 0.0
@@ -217,18 +189,28 @@ def _full_scan(x, centres_t, k, buffer):
         for c in range(k):
             t = xj - row[c]
             buffer[c] += t * t
-    best = 0
-    best_dist = buffer[0]
-    second = np.float32(np.inf)
+    inf = np.float32(np.inf)
+    c1 = 0
+    d1 = buffer[0]
+    c2 = -1
+    d2 = inf
+    d3 = inf
     for c in range(1, k):
         v = buffer[c]
-        if v < best_dist:
-            second = best_dist
-            best_dist = v
-            best = c
-        elif v < second:
-            second = v
-    return best, best_dist, second
+        if v < d2:
+            if v < d1:
+                d3 = d2
+                d2 = d1
+                c2 = c1
+                d1 = v
+                c1 = c
+            else:
+                d3 = d2
+                d2 = v
+                c2 = c
+        elif v < d3:
+            d3 = v
+    return c1, d1, c2, d2, d3
 
 
 @njit(cache=True, nogil=True)
@@ -244,14 +226,6 @@ def _move(x, norms, i, old, new, sums, squares, counts, changed):
         v = np.float64(x[i, j])
         sums[old, j] -= v
         sums[new, j] += v
-
-
-@njit(cache=True, nogil=True)
-def _bookkeep(x, norms, assign, previous, sums, squares, counts, changed):
-    """Statistics for every point whose cluster differs from ``previous``."""
-    for i in range(x.shape[0]):
-        if assign[i] != previous[i]:
-            _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
 
 
 @njit(cache=True, nogil=True)
@@ -305,11 +279,82 @@ def _first_empty(counts, k):
     return -1
 
 
+# Bounds. Every point i keeps its centre assign[i] and a second centre runner[i]
+# with Euclidean bounds: an upper bound of the distance to its centre, a lower
+# bound of the distance to the runner and a lower bound of the distance to all
+# other centres. The point is certainly at its nearest centre when the first is
+# below the other two. Inside Lloyd iterations the bounds are stored relative to
+# the centres' accumulated moves: the distance to centre c is within drift[c]
+# of what it was when stored, and every centre moved by at most spread in total,
+# so actual bounds are upper + drift[assign], runner_low - drift[runner] and
+# others_low - spread. Between stages they are plain (drift = 0, spread = 0).
+# Boundary points flip between their two nearest centres at the cost of two
+# distances; only points whose third-nearest centre may have come closer are
+# compared with all centres.
+
+
 @njit(cache=True, nogil=True)
-def _repair(x, xt, norms, centres, centres_t, k, assign, dist, lower, sums, squares, counts,
-            changed, previous, scratch):
-    """Re-seed empty clusters with the farthest points until none is left or none can be.
-    ``dist`` must be exact on entry and stays exact."""
+def _offer(distances, c, assign, runner, dist, upper, runner_low, others_low):
+    """Offer centre ``c`` at squared ``distances`` (n,) to every point (between
+    stages: ``dist`` exact, ``upper`` = sqrt(dist), plain bounds). A point strictly
+    nearer to ``c`` than to its centre moves to ``c``."""
+    for i in range(dist.shape[0]):
+        v = distances[i]
+        e = np.sqrt(v)
+        a = assign[i]
+        b = runner[i]
+        if a == c:
+            dist[i] = v
+            upper[i] = e
+        elif b == c:
+            runner_low[i] = e
+            if v < dist[i]:
+                assign[i] = c
+                runner[i] = a
+                runner_low[i] = upper[i]
+                upper[i] = e
+                dist[i] = v
+        elif v < dist[i]:
+            others_low[i] = min(others_low[i], runner_low[i])
+            runner[i] = a
+            runner_low[i] = upper[i]
+            assign[i] = c
+            upper[i] = e
+            dist[i] = v
+        elif e < runner_low[i]:
+            others_low[i] = min(others_low[i], runner_low[i])
+            runner[i] = c
+            runner_low[i] = e
+        else:
+            others_low[i] = min(others_low[i], e)
+
+
+@njit(cache=True, nogil=True)
+def _exact_bounds(x, centres_t, k, assign, runner, upper, runner_low, others_low, buffer):
+    """Plain bounds from scratch for a fixed assignment (full scans)."""
+    for i in range(x.shape[0]):
+        a = assign[i]
+        c1, d1, c2, d2, d3 = _top3(x[i], centres_t, k, buffer)
+        upper[i] = np.sqrt(buffer[a])
+        if c1 == a:
+            runner[i] = c2
+            runner_low[i] = np.sqrt(d2)
+            others_low[i] = np.sqrt(d3)
+        elif c2 == a:
+            runner[i] = c1
+            runner_low[i] = np.sqrt(d1)
+            others_low[i] = np.sqrt(d3)
+        else:
+            runner[i] = c1
+            runner_low[i] = np.sqrt(d1)
+            others_low[i] = np.sqrt(d2)
+
+
+@njit(cache=True, nogil=True)
+def _repair(x, xt, norms, centres, centres_t, k, assign, runner, dist, upper, runner_low,
+            others_low, sums, squares, counts, changed, previous, scratch):
+    """Between stages: re-seed empty clusters with the farthest points until none is
+    left or none can be. ``dist`` must be exact on entry and stays exact."""
     for _ in range(x.shape[0]):
         empty = _first_empty(counts, k)
         if empty < 0:
@@ -321,24 +366,25 @@ def _repair(x, xt, norms, centres, centres_t, k, assign, dist, lower, sums, squa
         _distances_to(xt, centres[empty], scratch)
         scratch[far] = 0.0
         previous[:] = assign
-        _offer(scratch, empty, assign, dist, lower)
-        _bookkeep(x, norms, assign, previous, sums, squares, counts, changed)
+        _offer(scratch, empty, assign, runner, dist, upper, runner_low, others_low)
+        for i in range(x.shape[0]):
+            if assign[i] != previous[i]:
+                _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
 
 
 @njit(cache=True, nogil=True)
-def _lloyd(x, xt, norms, centres, centres_t, k, assign, upper, lower, dist, sums, squares, counts,
-           changed, max_iter, tol, move, others, big, big_list, candidates, nearest_big, scratch,
-           buffer):
-    """Lloyd iterations on the first ``k`` centres; returns the number of iterations.
+def _lloyd(x, norms, centres, centres_t, k, assign, runner, upper, runner_low, others_low, dist,
+           sums, squares, counts, changed, max_iter, tol, move, drift, candidates, buffer):
+    """Lloyd iterations on the first ``k`` centres; returns (iterations, spread).
 
-    On entry every point is at its nearest centre, ``upper`` (Euclidean) bounds
-    its distance to it from above and ``lower`` its distance to every other
-    centre from below; ``changed`` flags clusters whose members changed since
-    their centre was last computed. ``dist`` is scratch (exact distances are
-    only needed to find the farthest point for an empty cluster).
+    On entry the bounds are plain (see above) and ``changed`` flags clusters whose
+    members changed since their centre was computed. On return they are relative
+    to ``drift`` (k,) and the returned spread. ``dist`` is scratch.
     """
     n, d = x.shape
     distortion = _statistics_distortion(centres, k, sums, squares, counts)
+    drift[:k] = 0.0
+    spread = 0.0
     iterations = 0
     while iterations < max_iter:
         iterations += 1
@@ -357,94 +403,72 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, upper, lower, dist, sums
             changed[c] = False
         # one empty cluster: re-seed it with the point farthest from its codeword
         empty = _first_empty(counts, k)
+        far = -1
         if empty >= 0:
             _own_distances(x, centres, assign, dist)
             far = _farthest(dist, assign, counts)
             if far >= 0:
                 move[empty] = np.sqrt(_distance(x[far], centres[empty]))
                 _set_centre(centres, centres_t, empty, x[far])
-                _move(x, norms, far, assign[far], empty, sums, squares, counts, changed)
-                assign[far] = empty
-                upper[far] = 0.0
-                lower[far] = -np.inf  # looked at again below
-        # The centres that moved most are offered to every point exactly (a pass over
-        # the points per centre, vectorised); the others only loosen the bounds, by
-        # at most the largest of their moves.
         largest = np.float32(0.0)
         for c in range(k):
+            drift[c] += move[c]
             largest = max(largest, move[c])
-        n_big = 0
-        while n_big < BIG_MOVERS:
-            pick = -1
-            pick_move = largest * BIG_FRACTION
-            for c in range(k):
-                if move[c] > pick_move and not big[c]:
-                    pick = c
-                    pick_move = move[c]
-            if pick < 0:
-                break
-            big[pick] = True
-            big_list[n_big] = pick
-            n_big += 1
-        first = np.float32(0.0)
-        second = np.float32(0.0)
-        first_c = -1
-        for c in range(k):
-            m = np.float32(0.0) if big[c] else move[c]
-            if m > first:
-                second = first
-                first = m
-                first_c = c
-            elif m > second:
-                second = m
-        for c in range(k):
-            others[c] = second if c == first_c else first
-        for t in range(n_big):
-            c = big_list[t]
-            c32 = np.int32(c)
-            _distances_to(xt, centres[c], scratch)
-            for i in range(n):
-                v = scratch[i]
-                own = assign[i] == c32
-                nearest_big[i] = v if (v < nearest_big[i] and not own) else nearest_big[i]
-                dist[i] = v if own else dist[i]
+        spread += largest
+        if far >= 0:
+            a = assign[far]
+            b = runner[far]
+            _move(x, norms, far, a, empty, sums, squares, counts, changed)
+            low = min(others_low[far] - spread, runner_low[far] - drift[b])
+            assign[far] = empty
+            runner[far] = a
+            upper[far] = -drift[empty]
+            runner_low[far] = np.sqrt(dist[far]) + drift[a]
+            others_low[far] = low + spread
+        # points whose bounds overlap
         n_candidates = 0
-        if n_big > 0:
-            for i in range(n):
-                a = assign[i]
-                u = np.sqrt(dist[i]) if big[a] else upper[i] + move[a]
-                low = min(lower[i] - others[a], np.sqrt(nearest_big[i]))
-                nearest_big[i] = np.inf
-                upper[i] = u
-                lower[i] = low
-                candidates[n_candidates] = i
-                n_candidates += 1 if u > low * MARGIN else 0
-            for t in range(n_big):
-                big[big_list[t]] = False
-        else:
-            for i in range(n):
-                a = assign[i]
-                u = upper[i] + move[a]
-                low = lower[i] - others[a]
-                upper[i] = u
-                lower[i] = low
-                candidates[n_candidates] = i
-                n_candidates += 1 if u > low * MARGIN else 0
-        # assignment step for the points whose bounds overlap
+        for i in range(n):
+            u = upper[i] + drift[assign[i]]
+            low = min(runner_low[i] - drift[runner[i]], others_low[i] - spread)
+            candidates[n_candidates] = i
+            n_candidates += 1 if u > low * MARGIN else 0
+        # assignment step for them
         moved = 0
         for t in range(n_candidates):
             i = candidates[t]
             a = assign[i]
-            u = np.sqrt(_distance(x[i], centres[a]))
-            upper[i] = u
-            if u > lower[i] * MARGIN:
-                best, best_dist, runner_up = _full_scan(x[i], centres_t, k, buffer)
-                upper[i] = np.sqrt(best_dist)
-                lower[i] = np.sqrt(runner_up)
-                if best != a:
-                    _move(x, norms, i, a, best, sums, squares, counts, changed)
-                    assign[i] = best
+            b = runner[i]
+            dist_a = _distance(x[i], centres[a])
+            u = np.sqrt(dist_a)
+            others = others_low[i] - spread
+            r = runner_low[i] - drift[b]
+            if u <= min(r, others) * MARGIN:
+                upper[i] = u - drift[a]
+                continue
+            dist_b = _distance(x[i], centres[b])
+            r = np.sqrt(dist_b)
+            if min(u, r) <= others * MARGIN:
+                # the nearest is the centre or the runner
+                if dist_b < dist_a:
+                    _move(x, norms, i, a, b, sums, squares, counts, changed)
+                    assign[i] = b
+                    runner[i] = a
+                    upper[i] = r - drift[b]
+                    runner_low[i] = u + drift[a]
                     moved += 1
+                else:
+                    upper[i] = u - drift[a]
+                    runner_low[i] = r + drift[b]
+                continue
+            c1, d1, c2, d2, d3 = _top3(x[i], centres_t, k, buffer)
+            assign[i] = c1
+            runner[i] = c2
+            upper[i] = np.sqrt(d1) - drift[c1]
+            runner_low[i] = np.sqrt(d2) + drift[c2]
+            others_low[i] = np.sqrt(d3) + spread
+            if c1 != a:
+                _move(x, norms, i, a, c1, sums, squares, counts, changed)
+                moved += 1
         new_distortion = _statistics_distortion(centres, k, sums, squares, counts)
         improvement = distortion - new_distortion
         distortion = new_distortion
@@ -452,7 +476,7 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, upper, lower, dist, sums
             continue
         if moved == 0 or improvement <= tol * (distortion + improvement):
             break
-    return iterations
+    return iterations, spread
 
 
 @njit(cache=True, nogil=True)
@@ -470,15 +494,14 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
     counts = np.zeros(k_max, np.int64)
     changed = np.zeros(k_max, np.bool_)
     move = np.zeros(k_max, np.float32)
-    others = np.zeros(k_max, np.float32)
-    big = np.zeros(k_max, np.bool_)
-    big_list = np.empty(k_max, np.int64)
-    nearest_big = np.full(n, np.inf, np.float32)
+    drift = np.zeros(k_max, np.float64)
     buffer = np.empty(k_max, np.float32)
     saved_centres = np.empty((k_max, d), np.float32)
     dist = np.empty(n, np.float32)
-    upper = np.empty(n, np.float32)
-    lower = np.full(n, np.inf, np.float32)
+    runner = np.full(n, -1, np.int32)
+    upper = np.empty(n, np.float64)
+    runner_low = np.full(n, np.inf, np.float64)
+    others_low = np.full(n, np.inf, np.float64)
     previous = np.empty(n, np.int32)
     saved_assign = np.empty(n, np.int32)
     candidates = np.empty(n, np.int64)
@@ -495,6 +518,8 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         centres[0, j] = v
         centres_t[j, 0] = v
     _own_distances(x, centres, assign, dist)
+    for i in range(n):
+        upper[i] = np.sqrt(dist[i])
     distortion = _sum(dist, n)
     iterations = 1
 
@@ -545,7 +570,6 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         if chosen < 0:
             # nothing left to separate: repeat the first codeword
             _set_centre(centres, centres_t, k, centres[0])
-            lower[:] = 0.0
             continue
         # add the codeword and move the points nearer to it
         _set_centre(centres, centres_t, k, x[chosen])
@@ -553,18 +577,23 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         if dist[chosen] <= 0.0:  # its distance rounded to 0: make it move anyway
             dist[chosen] = np.float32(np.inf)
         previous[:] = assign
-        _offer(best_dist, k, assign, dist, lower)
-        _bookkeep(x, norms, assign, previous, sums, squares, counts, changed)
+        _offer(best_dist, k, assign, runner, dist, upper, runner_low, others_low)
+        for i in range(n):
+            if assign[i] != previous[i]:
+                _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
         k_now = k + 1
         start = _sum(dist, n)
         saved_assign[:] = assign
         saved_centres[:k_now] = centres[:k_now]
+        iterations, spread = _lloyd(x, norms, centres, centres_t, k_now, assign, runner, upper,
+                                    runner_low, others_low, dist, sums, squares, counts, changed,
+                                    max_iter, tol, move, drift, candidates, buffer)
+        # back to exact distances and plain bounds
+        _own_distances(x, centres, assign, dist)
         for i in range(n):
             upper[i] = np.sqrt(dist[i])
-        iterations = _lloyd(x, xt, norms, centres, centres_t, k_now, assign, upper, lower, dist, sums,
-                            squares, counts, changed, max_iter, tol, move, others, big, big_list,
-                            candidates, nearest_big, scratch, buffer)
-        _own_distances(x, centres, assign, dist)
+            runner_low[i] -= drift[runner[i]]
+            others_low[i] -= spread
         distortion = _sum(dist, n)
         if distortion > start:
             # rounding left the stage worse than it started: go back to its start
@@ -574,11 +603,9 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
             _rebuild(x, norms, k_now, assign, sums, squares, counts)
             changed[:k_now] = True
             _own_distances(x, centres, assign, dist)
-            for i in range(n):
-                best, best_d, runner_up = _full_scan(x[i], centres_t, k_now, buffer)
-                lower[i] = np.sqrt(runner_up if best == assign[i] else best_d)
-        _repair(x, xt, norms, centres, centres_t, k_now, assign, dist, lower, sums, squares, counts,
-                changed, previous, scratch)
+            _exact_bounds(x, centres_t, k_now, assign, runner, upper, runner_low, others_low, buffer)
+        _repair(x, xt, norms, centres, centres_t, k_now, assign, runner, dist, upper, runner_low,
+                others_low, sums, squares, counts, changed, previous, scratch)
         distortion = _sum(dist, n)
     return distortion, iterations
 

@@ -20,7 +20,6 @@ import math
 import numpy as np
 
 from qcnn.errors import QcnnError
-from qcnn.quantization.kmeans import kmeans
 
 
 def num_subspaces(channels, subdim):
@@ -97,6 +96,9 @@ def quantize_weight(weight, group=1, subdim=8, num_codewords=128, shared=True, s
         raise QcnnError(f"subdim must be >= 1 and K in 1..256, got subdim {subdim}, K {num_codewords}")
     if c_out % group:
         raise QcnnError(f"{c_out} output channels are not divisible by group {group}")
+    # Imported here: k-means needs Numba (0.3 s to import), running a quantized model does not.
+    from qcnn.quantization.kmeans import kmeans
+
     vectors = subvectors(weight, group, subdim, shared)
     g_cb, m, n, _ = vectors.shape
     result = kmeans(vectors.reshape(g_cb * m, n, subdim), num_codewords, seed=seed, **kmeans_options)

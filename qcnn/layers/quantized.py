@@ -48,6 +48,13 @@ class _ProductQuantized:
         shapes = [(books, m, p["num_codewords"], p["subdim"]), (self.num_output,) + kernel + (m,)]
         return shapes + [(self.num_output,)] if self.bias_term else shapes
 
+    def init_blobs(self, input_shapes, rng):
+        """Random codebooks, codes and bias (architecture-only networks)."""
+        books, codes, *bias = self.blob_shapes(input_shapes)
+        self.blobs = [rng.normal(0, 0.1, books).astype(np.float32),
+                      rng.integers(0, self.params["num_codewords"], codes).astype(np.uint8)]
+        self.blobs += [rng.normal(0, 0.1, shape).astype(np.float32) for shape in bias]
+
     def check_blobs(self, input_shapes):
         codes = self.blobs[1] if len(self.blobs) > 1 else None
         super().check_blobs(input_shapes)
@@ -100,7 +107,7 @@ class _ProductQuantized:
         ho, wo = (conv_output_size(s, k, st, p, d) for s, k, st, p, d in
                   zip((h, w), kernel_size, stride, pad, dilation))
         books, m, k, subdim = self.blobs[0].shape
-        positions = (h + 2 * pad[0]) * (w + 2 * pad[1])
+        positions = h * w  # tables of zero padding are zero: the paper does not count them
         kh, kw = kernel_size
         return {"lut_build_macs": n * group * m * subdim * k * positions,
                 "lookups": n * ho * wo * kh * kw * m * self.num_output,

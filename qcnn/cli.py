@@ -17,6 +17,7 @@ from qcnn.errors import QcnnError
 from qcnn import resources
 from qcnn.io import caffe, image, modelfile
 from qcnn.io.files import read_bytes
+from qcnn.layers.quantized import set_kernel
 
 
 def _floats(text):
@@ -195,6 +196,8 @@ def cmd_classify(args):
     model_path = args.model or resources.DEFAULT_MODEL
     images = args.images or [str(resources.SAMPLE_IMAGE)]
     net = open_model(model_path)
+    if args.kernel:
+        set_kernel(net.layers, args.kernel)
     if len(net.inputs) != 1:
         raise QcnnError(f"{model_path}: classify needs a network with one input, it has {list(net.inputs)}")
     if args.top < 1:
@@ -288,6 +291,8 @@ def build_parser():
     p.add_argument("--labels", help="class names, one per line (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--output-blob", help="blob holding class scores (default: the first output)")
+    p.add_argument("--kernel", choices=["auto", "lut", "dense"],
+                   help="force how quantized layers run (default: as stored in the model)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_classify)
     return parser

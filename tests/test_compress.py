@@ -64,7 +64,13 @@ def test_quantize_default_model_end_to_end(tmp_path, capsys):
     from qcnn.io.image import load_images
     batch = load_images(samples, (1, 28, 28), float_net.metadata["preprocess"])
     expected = float_net.forward(batch)["prob"].argmax(1)
-    np.testing.assert_array_equal(quantized.forward(batch)["prob"].argmax(1), expected)
+    probabilities = {}
+    for kernel in ("lut", "dense"):
+        assert main(["classify", *map(str, samples), "--model", str(out), "--kernel", kernel, "--json"]) == 0
+        results = json.loads(capsys.readouterr().out)["results"]
+        assert [r["top"][0]["index"] for r in results] == list(expected)
+        probabilities[kernel] = [r["top"][0]["probability"] for r in results]
+    np.testing.assert_allclose(probabilities["lut"], probabilities["dense"], rtol=1e-4)
 
 
 def test_quantize_errors(tmp_path):

@@ -120,6 +120,15 @@ class _ProductQuantized:
         return ops["lut_build_macs"] + ops["lookups"]
 
 
+def set_kernel(layers, kernel):
+    """Make every quantized layer among ``layers`` run with ``kernel`` ("auto", "lut" or "dense")."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    for layer in layers:
+        if isinstance(layer, _ProductQuantized):
+            layer.params["kernel"] = kernel
+
+
 def choose_kernel(ops):
     """Pick "lut" or "dense" from operation counts by a simple cost model.
 

@@ -49,6 +49,9 @@ from qcnn.kernels.jit import serial_and_parallel
 
 MAX_TRIALS = 8  # greedy k-means++ candidates per stage: 2 + floor(ln k) <= 7 for k <= 256
 MARGIN = np.float32(1 - 1e-5)  # bounds are float32: compare with some room for rounding
+EXACT_MOVES = 8  # per Lloyd iteration, exact distances to at most this many moved centres ...
+EXACT_FRACTION = np.float32(0.25)  # ... that moved more than this fraction of the largest move
+BLOCK = 512  # points per block when updating bounds
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -279,28 +282,28 @@ def _first_empty(counts, k):
     return -1
 
 
-# Bounds. Every point i keeps its centre assign[i] and a second centre runner[i]
-# with Euclidean bounds: an upper bound of the distance to its centre, a lower
-# bound of the distance to the runner and a lower bound of the distance to all
-# other centres. The point is certainly at its nearest centre when the first is
-# below the other two. Inside Lloyd iterations the bounds are stored relative to
-# the centres' accumulated moves: the distance to centre c is within drift[c]
-# of what it was when stored, and every centre moved by at most spread in total,
-# so actual bounds are upper + drift[assign], runner_low - drift[runner] and
-# others_low - spread. Between stages they are plain (drift = 0, spread = 0).
-# Boundary points flip between their two nearest centres at the cost of two
-# distances; only points whose third-nearest centre may have come closer are
-# compared with all centres.
+# Bounds. Every point i keeps its centre assign[i], a second centre runner[i]
+# and Euclidean bounds: upper[i] >= its distance to its centre, runner_low[i] <=
+# its distance to the runner, others_low[i] <= its distance to every other
+# centre, and for every centre c, lower[c, i] - drift[c] <= its distance to c
+# (drift: how far c moved since the stage began). It is certainly at its nearest
+# centre while upper <= min(runner_low, others_low). When centre c moves by m,
+# one vectorised pass over the points adds m to the upper bounds of its members,
+# takes m off the runner bounds of the points whose runner it is, and lowers the
+# others bound of the rest to lower[c] - drift[c] where that is smaller. A point
+# whose bounds overlap gets the exact distance to its centre, then to its runner
+# (boundary points flip between the two), and only then to all centres.
 
 
 @njit(cache=True, nogil=True)
-def _offer(distances, c, assign, runner, dist, upper, runner_low, others_low):
-    """Offer centre ``c`` at squared ``distances`` (n,) to every point (between
-    stages: ``dist`` exact, ``upper`` = sqrt(dist), plain bounds). A point strictly
-    nearer to ``c`` than to its centre moves to ``c``."""
+def _offer(distances, c, assign, runner, dist, upper, runner_low, others_low, lower):
+    """Offer centre ``c`` at squared ``distances`` (n,) to every point, between stages
+    (``dist`` exact, ``upper`` = sqrt(dist), drift 0). A point strictly nearer to
+    ``c`` than to its centre moves to ``c``."""
     for i in range(dist.shape[0]):
         v = distances[i]
         e = np.sqrt(v)
+        lower[c, i] = e
         a = assign[i]
         b = runner[i]
         if a == c:
@@ -318,6 +321,7 @@ def _offer(distances, c, assign, runner, dist, upper, runner_low, others_low):
             others_low[i] = min(others_low[i], runner_low[i])
             runner[i] = a
             runner_low[i] = upper[i]
+            lower[a, i] = upper[i]
             assign[i] = c
             upper[i] = e
             dist[i] = v
@@ -330,29 +334,43 @@ def _offer(distances, c, assign, runner, dist, upper, runner_low, others_low):
 
 
 @njit(cache=True, nogil=True)
-def _exact_bounds(x, centres_t, k, assign, runner, upper, runner_low, others_low, buffer):
-    """Plain bounds from scratch for a fixed assignment (full scans)."""
+def _scan(x, i, centres_t, k, assign, runner, upper, runner_low, others_low, lower, drift, buffer):
+    """Exact distances from point ``i`` to all ``k`` centres: the two nearest become its
+    centre and runner, every bound is refreshed. Returns the previous centre."""
+    c1, d1, c2, d2, d3 = _top3(x[i], centres_t, k, buffer)
+    for c in range(k):
+        lower[c, i] = np.sqrt(buffer[c]) + drift[c]
+    previous = assign[i]
+    assign[i] = c1
+    runner[i] = c2
+    upper[i] = np.sqrt(d1)
+    runner_low[i] = np.sqrt(d2)
+    others_low[i] = np.sqrt(d3)
+    return previous
+
+
+@njit(cache=True, nogil=True)
+def _exact_bounds(x, centres_t, k, assign, runner, upper, runner_low, others_low, lower, drift,
+                  buffer):
+    """Every bound from scratch for a fixed assignment (drift must be 0)."""
     for i in range(x.shape[0]):
         a = assign[i]
-        c1, d1, c2, d2, d3 = _top3(x[i], centres_t, k, buffer)
-        upper[i] = np.sqrt(buffer[a])
-        if c1 == a:
-            runner[i] = c2
-            runner_low[i] = np.sqrt(d2)
-            others_low[i] = np.sqrt(d3)
-        elif c2 == a:
+        _scan(x, i, centres_t, k, assign, runner, upper, runner_low, others_low, lower, drift,
+              buffer)
+        if assign[i] != a:  # keep the given assignment: put ``a`` first
+            c1 = assign[i]
+            d_a = np.float32(np.sqrt(buffer[a]))
+            assign[i] = a
+            upper[i] = d_a
+            if runner[i] != a:
+                others_low[i] = min(others_low[i], runner_low[i])
             runner[i] = c1
-            runner_low[i] = np.sqrt(d1)
-            others_low[i] = np.sqrt(d3)
-        else:
-            runner[i] = c1
-            runner_low[i] = np.sqrt(d1)
-            others_low[i] = np.sqrt(d2)
+            runner_low[i] = np.float32(np.sqrt(buffer[c1]))
 
 
 @njit(cache=True, nogil=True)
 def _repair(x, xt, norms, centres, centres_t, k, assign, runner, dist, upper, runner_low,
-            others_low, sums, squares, counts, changed, previous, scratch):
+            others_low, lower, sums, squares, counts, changed, previous, scratch):
     """Between stages: re-seed empty clusters with the farthest points until none is
     left or none can be. ``dist`` must be exact on entry and stays exact."""
     for _ in range(x.shape[0]):
@@ -366,25 +384,94 @@ def _repair(x, xt, norms, centres, centres_t, k, assign, runner, dist, upper, ru
         _distances_to(xt, centres[empty], scratch)
         scratch[far] = 0.0
         previous[:] = assign
-        _offer(scratch, empty, assign, runner, dist, upper, runner_low, others_low)
+        # the old position of ``empty`` bounded nothing any more: offer the new one
+        _offer(scratch, empty, assign, runner, dist, upper, runner_low, others_low, lower)
         for i in range(x.shape[0]):
             if assign[i] != previous[i]:
                 _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
 
 
 @njit(cache=True, nogil=True)
-def _lloyd(x, norms, centres, centres_t, k, assign, runner, upper, runner_low, others_low, dist,
-           sums, squares, counts, changed, max_iter, tol, move, drift, candidates, buffer):
-    """Lloyd iterations on the first ``k`` centres; returns (iterations, spread).
+def _update_bounds(xt, centres, moved, n_moved, exact, move, drift, assign, runner, upper,
+                   runner_low, others_low, lower, scratch, candidates):
+    """Account for the moved centres in every point's bounds and list the points whose
+    bounds overlap; returns how many.
 
-    On entry the bounds are plain (see above) and ``changed`` flags clusters whose
-    members changed since their centre was computed. On return they are relative
-    to ``drift`` (k,) and the returned spread. ``dist`` is scratch.
+    ``moved[:n_moved]`` are the centres that moved, by ``move`` (``drift``
+    already includes it). For those flagged in ``exact`` the bounds are refreshed
+    from exact distances; for the others they are loosened by the move. Points
+    are processed in blocks that stay in L1 cache; every inner loop runs over the
+    points of a block from index 0 (no negative-index checks) with selects only,
+    so LLVM vectorises it.
+    """
+    d, n = xt.shape
+    inf = np.float32(np.inf)
+    zero = np.float32(0.0)
+    n_candidates = 0
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        size = stop - start
+        a_b = assign[start:stop]
+        r_b = runner[start:stop]
+        u_b = upper[start:stop]
+        rl_b = runner_low[start:stop]
+        o_b = others_low[start:stop]
+        s_b = scratch[start:stop]
+        for t in range(n_moved):
+            c = moved[t]
+            c32 = np.int32(c)
+            row = lower[c, start:stop]
+            drift_c = drift[c]
+            if exact[t]:
+                for i in range(size):
+                    s_b[i] = 0.0
+                for j in range(d):
+                    cj = centres[c, j]
+                    points = xt[j, start:stop]
+                    for i in range(size):
+                        diff = points[i] - cj
+                        s_b[i] += diff * diff
+                for i in range(size):
+                    e = np.sqrt(s_b[i])
+                    row[i] = e + drift_c
+                    own = a_b[i] == c32
+                    run = r_b[i] == c32
+                    u_b[i] = e if own else u_b[i]
+                    rl_b[i] = e if run else rl_b[i]
+                    low = inf if (own | run) else e
+                    o = o_b[i]
+                    o_b[i] = low if low < o else o
+            else:
+                m = move[c]
+                for i in range(size):
+                    own = a_b[i] == c32
+                    run = r_b[i] == c32
+                    low = row[i] - drift_c
+                    low = inf if (own | run) else low
+                    u_b[i] += m if own else zero
+                    rl_b[i] -= m if run else zero
+                    o = o_b[i]
+                    o_b[i] = low if low < o else o
+        for i in range(size):
+            low = min(rl_b[i], o_b[i])
+            candidates[n_candidates] = start + i
+            n_candidates += 1 if u_b[i] > low * MARGIN else 0
+    return n_candidates
+
+
+@njit(cache=True, nogil=True)
+def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_low, others_low,
+           lower, dist, sums, squares, counts, changed, max_iter, tol, move, drift, moved_list, exact,
+           candidates, scratch, buffer):
+    """Lloyd iterations on the first ``k`` centres; returns the number of iterations.
+
+    On entry every point is at its nearest centre with valid bounds, drift is 0
+    and ``changed`` flags clusters whose members changed since their centre was
+    computed. ``dist`` is scratch.
     """
     n, d = x.shape
     distortion = _statistics_distortion(centres, k, sums, squares, counts)
     drift[:k] = 0.0
-    spread = 0.0
     iterations = 0
     while iterations < max_iter:
         iterations += 1
@@ -410,29 +497,38 @@ def _lloyd(x, norms, centres, centres_t, k, assign, runner, upper, runner_low, o
             if far >= 0:
                 move[empty] = np.sqrt(_distance(x[far], centres[empty]))
                 _set_centre(centres, centres_t, empty, x[far])
+        # bounds: exact distances to the centres that moved most, a shift for the others
         largest = np.float32(0.0)
         for c in range(k):
-            drift[c] += move[c]
             largest = max(largest, move[c])
-        spread += largest
+        n_moved = 0
+        n_exact = 0
+        for c in range(k):
+            if move[c] <= 0.0:
+                continue
+            drift[c] += move[c]
+            moved_list[n_moved] = c
+            is_exact = move[c] > largest * EXACT_FRACTION and n_exact < EXACT_MOVES
+            exact[n_moved] = is_exact
+            n_exact += 1 if is_exact else 0
+            n_moved += 1
         if far >= 0:
             a = assign[far]
-            b = runner[far]
             _move(x, norms, far, a, empty, sums, squares, counts, changed)
-            low = min(others_low[far] - spread, runner_low[far] - drift[b])
+            e = np.sqrt(dist[far])
+            lower[a, far] = e + drift[a]
+            lower[empty, far] = drift[empty]
+            if runner[far] != empty:
+                others_low[far] = min(others_low[far], runner_low[far])
             assign[far] = empty
             runner[far] = a
-            upper[far] = -drift[empty]
-            runner_low[far] = np.sqrt(dist[far]) + drift[a]
-            others_low[far] = low + spread
-        # points whose bounds overlap
-        n_candidates = 0
-        for i in range(n):
-            u = upper[i] + drift[assign[i]]
-            low = min(runner_low[i] - drift[runner[i]], others_low[i] - spread)
-            candidates[n_candidates] = i
-            n_candidates += 1 if u > low * MARGIN else 0
-        # assignment step for them
+            upper[far] = 0.0
+            runner_low[far] = e
+        # (the points whose bounds overlap)
+        n_candidates = _update_bounds(xt, centres, moved_list, n_moved, exact, move, drift, assign,
+                                      runner, upper, runner_low, others_low, lower, scratch,
+                                      candidates)
+        # assignment step for them: own centre, then runner, then all
         moved = 0
         for t in range(n_candidates):
             i = candidates[t]
@@ -440,34 +536,27 @@ def _lloyd(x, norms, centres, centres_t, k, assign, runner, upper, runner_low, o
             b = runner[i]
             dist_a = _distance(x[i], centres[a])
             u = np.sqrt(dist_a)
-            others = others_low[i] - spread
-            r = runner_low[i] - drift[b]
-            if u <= min(r, others) * MARGIN:
-                upper[i] = u - drift[a]
+            upper[i] = u
+            lower[a, i] = u + drift[a]
+            others = others_low[i]
+            if u <= min(runner_low[i], others) * MARGIN:
                 continue
             dist_b = _distance(x[i], centres[b])
             r = np.sqrt(dist_b)
+            runner_low[i] = r
+            lower[b, i] = r + drift[b]
             if min(u, r) <= others * MARGIN:
-                # the nearest is the centre or the runner
-                if dist_b < dist_a:
+                if dist_b < dist_a:  # the runner is nearer: swap
                     _move(x, norms, i, a, b, sums, squares, counts, changed)
                     assign[i] = b
                     runner[i] = a
-                    upper[i] = r - drift[b]
-                    runner_low[i] = u + drift[a]
+                    upper[i] = r
+                    runner_low[i] = u
                     moved += 1
-                else:
-                    upper[i] = u - drift[a]
-                    runner_low[i] = r + drift[b]
                 continue
-            c1, d1, c2, d2, d3 = _top3(x[i], centres_t, k, buffer)
-            assign[i] = c1
-            runner[i] = c2
-            upper[i] = np.sqrt(d1) - drift[c1]
-            runner_low[i] = np.sqrt(d2) + drift[c2]
-            others_low[i] = np.sqrt(d3) + spread
-            if c1 != a:
-                _move(x, norms, i, a, c1, sums, squares, counts, changed)
+            if _scan(x, i, centres_t, k, assign, runner, upper, runner_low, others_low, lower,
+                     drift, buffer) != assign[i]:
+                _move(x, norms, i, a, assign[i], sums, squares, counts, changed)
                 moved += 1
         new_distortion = _statistics_distortion(centres, k, sums, squares, counts)
         improvement = distortion - new_distortion
@@ -476,7 +565,7 @@ def _lloyd(x, norms, centres, centres_t, k, assign, runner, upper, runner_low, o
             continue
         if moved == 0 or improvement <= tol * (distortion + improvement):
             break
-    return iterations, spread
+    return iterations
 
 
 @njit(cache=True, nogil=True)
@@ -494,14 +583,17 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
     counts = np.zeros(k_max, np.int64)
     changed = np.zeros(k_max, np.bool_)
     move = np.zeros(k_max, np.float32)
-    drift = np.zeros(k_max, np.float64)
+    drift = np.zeros(k_max, np.float32)
+    moved_list = np.empty(k_max, np.int64)
+    exact = np.zeros(k_max, np.bool_)
     buffer = np.empty(k_max, np.float32)
     saved_centres = np.empty((k_max, d), np.float32)
     dist = np.empty(n, np.float32)
     runner = np.full(n, -1, np.int32)
-    upper = np.empty(n, np.float64)
-    runner_low = np.full(n, np.inf, np.float64)
-    others_low = np.full(n, np.inf, np.float64)
+    upper = np.empty(n, np.float32)
+    runner_low = np.full(n, np.inf, np.float32)
+    others_low = np.full(n, np.inf, np.float32)
+    lower = np.zeros((k_max, n), np.float32)
     previous = np.empty(n, np.int32)
     saved_assign = np.empty(n, np.int32)
     candidates = np.empty(n, np.int64)
@@ -520,6 +612,7 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
     _own_distances(x, centres, assign, dist)
     for i in range(n):
         upper[i] = np.sqrt(dist[i])
+        lower[0, i] = upper[i]
     distortion = _sum(dist, n)
     iterations = 1
 
@@ -577,7 +670,7 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         if dist[chosen] <= 0.0:  # its distance rounded to 0: make it move anyway
             dist[chosen] = np.float32(np.inf)
         previous[:] = assign
-        _offer(best_dist, k, assign, runner, dist, upper, runner_low, others_low)
+        _offer(best_dist, k, assign, runner, dist, upper, runner_low, others_low, lower)
         for i in range(n):
             if assign[i] != previous[i]:
                 _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
@@ -585,15 +678,21 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         start = _sum(dist, n)
         saved_assign[:] = assign
         saved_centres[:k_now] = centres[:k_now]
-        iterations, spread = _lloyd(x, norms, centres, centres_t, k_now, assign, runner, upper,
-                                    runner_low, others_low, dist, sums, squares, counts, changed,
-                                    max_iter, tol, move, drift, candidates, buffer)
+        iterations = _lloyd(x, xt, norms, centres, centres_t, k_now, assign, runner, upper,
+                            runner_low, others_low, lower, dist, sums, squares, counts, changed,
+                            max_iter, tol, move, drift, moved_list, exact, candidates, scratch,
+                            buffer)
         # back to exact distances and plain bounds
         _own_distances(x, centres, assign, dist)
         for i in range(n):
             upper[i] = np.sqrt(dist[i])
-            runner_low[i] -= drift[runner[i]]
-            others_low[i] -= spread
+        for c in range(k_now):
+            if drift[c] != 0.0:
+                row = lower[c]
+                shift = drift[c]
+                for i in range(n):
+                    row[i] -= shift
+                drift[c] = 0.0
         distortion = _sum(dist, n)
         if distortion > start:
             # rounding left the stage worse than it started: go back to its start
@@ -603,9 +702,10 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
             _rebuild(x, norms, k_now, assign, sums, squares, counts)
             changed[:k_now] = True
             _own_distances(x, centres, assign, dist)
-            _exact_bounds(x, centres_t, k_now, assign, runner, upper, runner_low, others_low, buffer)
+            _exact_bounds(x, centres_t, k_now, assign, runner, upper, runner_low, others_low, lower,
+                          drift, buffer)
         _repair(x, xt, norms, centres, centres_t, k_now, assign, runner, dist, upper, runner_low,
-                others_low, sums, squares, counts, changed, previous, scratch)
+                others_low, lower, sums, squares, counts, changed, previous, scratch)
         distortion = _sum(dist, n)
     return distortion, iterations
 

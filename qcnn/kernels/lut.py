@@ -22,12 +22,14 @@ adds, no gathers, eight lookups per instruction. The frame has ``Wq - Wo`` junk 
 * Register blocking: the accumulators of 32 consecutive frame lanes (four 8-lane vectors) stay in
   registers while all terms of a block of subspaces are added; Numba/LLVM would otherwise keep
   them in memory (aliasing) or vectorise the wrong loop, so this module defines an 8 x float32
-  vector type with a few LLVM intrinsics (``_vload``, ``_vadd``, ...). These are portable LLVM IR
-  (``<8 x float>``), lowered to AVX on x86 and to pairs of NEON registers on ARM.
-* Cache blocking: tables are built (by vectorised multiply-adds, inside the kernel) for a block of
-  subspaces at a time, sized to stay in L2 (:data:`TABLE_BUDGET`), and all output channels
-  are accumulated against that block before the next is built; the per-channel partial frames
-  are reloaded once per block.
+  vector type with a few LLVM intrinsics (``_vload``, ``_vadd``, ...). They emit plain LLVM
+  vector IR (``<8 x float>``, ``llvm.fmuladd``), no x86-specific intrinsics: AVX registers on
+  x86-64, split into narrower registers by LLVM elsewhere.
+* Cache blocking: tables are built (by vectorised multiply-adds, inside the kernel, four codewords
+  per pass over the input) for a block of subspaces at a time, sized to stay in L2
+  (:data:`TABLE_BUDGET`), and all output channels are accumulated against that block before the
+  next is built; the per-channel partial frames are reloaded once per block. Codes are stored
+  block-major (:meth:`PreparedCodes.frames`) so that each block streams its codes contiguously.
 * Batches: each sample is its own frame, except when a sample has few positions (inner products:
   one position): then consecutive samples share one frame, so an inner product over a batch of 8
   reads 8 contiguous table entries per term.
@@ -35,16 +37,20 @@ adds, no gathers, eight lookups per instruction. The frame has ``Wq - Wo`` junk 
   are only split, at the cost of building the same tables twice, when there are fewer
   (samples x groups) than threads.
 
-Inner products of one sample: the pair kernel (:func:`_fc_tables`)
------------------------------------------------------------------
-With one sample there is no run of positions to vectorise over, and vector gathers are slow on
-the x86 cores this was measured on, so the kernel is scalar and cuts the number of lookups
-instead: two subspaces m, m+1 with K <= 32 codewords are merged into one table of K*K entries
-(``LUT2[c1*K + c2] = LUT[m, c1] + LUT[m+1, c2]``, built on the fly, 4 KiB for K = 32) addressed
-by one 16-bit code, halving the lookups (and the code bytes stay the same). Codes are stored so
-that a block of :data:`PAIR_BLOCK` pair tables (L1-resident) serves a stream of 8-output groups;
-eight 16-bit codes are read as two 64-bit words; the eight partial sums are scalar registers.
-For K > 32 the same kernel runs on single tables with 8-bit codes.
+Inner products of a few samples: the pair kernel (:func:`_fc_tables`)
+---------------------------------------------------------------------
+With one sample there is no run of positions to vectorise over. Vector gathers (AVX2
+``vgatherdps``) are slower than scalar loads on the AMD EPYC (Zen 3) this was measured on
+(0.76 vs ~0.4 ns per lookup) and LLVM does not emit them for it, so the kernel is scalar and
+cuts the number of lookups instead: two subspaces m, m+1 with K <= 32 codewords are merged into
+one table of K*K' entries (``LUT2[c1*K' + c2] = LUT[m, c1] + LUT[m+1, c2]``, K' = K rounded up
+to LANES; built on the fly, 4 KiB for K = 32) addressed by one 16-bit code, halving the lookups
+(the code bytes stay the same). Codes are stored so that a block of :data:`PAIR_BLOCK` pair
+tables (L1-resident) serves a stream of 8-output groups; eight 16-bit codes are read as four
+32-bit words; the eight partial sums are scalar registers; index arithmetic is unsigned, so
+Numba emits no negative-index checks. A lookup then costs about three instructions (~1.2 cycles
+measured). For K > 32 the same kernel runs on single tables with 8-bit codes. Batches up to
+:data:`FC_GATHER_MAX_BATCH` run it once per sample; larger ones use the frame kernel.
 
 Everything is compiled with ``cache=True`` in a serial and a parallel copy
 (:func:`qcnn.kernels.jit.serial_and_parallel`); ``parallel`` selects the copy.
@@ -63,9 +69,10 @@ LANES = 8  # float32 lanes per vector register (AVX); frames are padded to a mul
 SLACK = 64  # zeroed floats after every table block and input copy: vector reads may run past a row
 TABLE_BUDGET = 256 * 1024  # bytes of tables built per block (kept in L2 while accumulating)
 FRAME_SAMPLE_POSITIONS = 64  # samples with fewer positions than this share a frame
+MIN_TABLE_ROW = 32  # table blocks are sized for rows of at least this many positions (batches)
 PAIR_BLOCK = 4  # pair tables per block in the one-sample inner-product kernel (4 x 4 KiB for K=32)
 PAIR_MAX_WORDS = 32  # pair subspaces when K <= this (K*K-entry tables)
-FC_GATHER_MAX_BATCH = 2  # inner products with at most this many samples use the pair kernel
+FC_GATHER_MAX_BATCH = 4  # inner products with at most this many samples use the pair kernel
 
 _JIT = {"fastmath": True, "error_model": "numpy"}
 
@@ -175,22 +182,40 @@ def _vmuladd(typingctx, acc, scalar, v):
 # --- Convolution (and batched inner product): the frame kernel -----------------------------------
 
 @numba.njit(cache=True, nogil=True, **_JIT)
-def _build_tables(src, src_start, src_row, books, gb, m0, mb, row_len, lut):
-    """Tables of subspaces ``m0 .. m0+mb-1``: ``lut[(i*K + c)*row_len + p]`` = <codeword c of
-    subspace m0+i, input sub-vector at position p>, for ``p < row_len`` (rounded up to LANES;
-    the excess spills into the next row, which is written afterwards, or into the slack)."""
+def _build_tables(src, src_start, src_row, books, gb, m0, mb, row_len, row_stride, lut):
+    """Tables of subspaces ``m0 .. m0+mb-1``: ``lut[(i*K + c)*row_stride + p]`` = <codeword c
+    of subspace m0+i, input sub-vector at position p>, for ``p < row_len`` rounded up to LANES
+    (<= row_stride). Four codewords at a time share the loads of the input."""
     n_words, subdim = books.shape[2], books.shape[3]
     for i in range(mb):
         m = m0 + i
-        for c in range(n_words):
-            word = books[gb, m, c]
-            dst = (i * n_words + c) * row_len
+        words = books[gb, m]
+        s0 = src_start + m * subdim * src_row
+        c = 0
+        while c < n_words:
+            four = c + 4 <= n_words
+            w0 = words[c]
+            w1 = words[c + 1] if four else w0
+            w2 = words[c + 2] if four else w0
+            w3 = words[c + 3] if four else w0
+            dst = (i * n_words + c) * row_stride
             for p in range(0, row_len, LANES):
-                v = _vzero()
-                s = src_start + m * subdim * src_row + p
+                v0 = _vzero()
+                v1 = _vzero()
+                v2 = _vzero()
+                v3 = _vzero()
                 for j in range(subdim):
-                    v = _vmuladd(v, word[j], _vload(src, s + j * src_row))
-                _vstore(lut, dst + p, v)
+                    x = _vload(src, s0 + j * src_row + p)
+                    v0 = _vmuladd(v0, w0[j], x)
+                    v1 = _vmuladd(v1, w1[j], x)
+                    v2 = _vmuladd(v2, w2[j], x)
+                    v3 = _vmuladd(v3, w3[j], x)
+                _vstore(lut, dst + p, v0)
+                if four:
+                    _vstore(lut, dst + row_stride + p, v1)
+                    _vstore(lut, dst + 2 * row_stride + p, v2)
+                    _vstore(lut, dst + 3 * row_stride + p, v3)
+            c += 4 if four else 1
 
 
 @numba.njit(cache=True, nogil=True, **_JIT)
@@ -249,7 +274,8 @@ def _frame_conv(src, books, codes, shifts, positions, wq, batch_block, sub_block
         Input (G, M*subdim, N*positions): channels zero-padded to whole subspaces, positions
         stride-phase-split, then SLACK zeros.
     books : float32 (G_cb, M, K, subdim)
-    codes : uint8 (G, C_t/G, M, kh*kw)
+    codes : uint8 (G, ceil(M / sub_block), C_t/G, sub_block * kh*kw)
+        :meth:`PreparedCodes.frames`: per table block, each output channel's codes (subspace-major).
     shifts : int64 (kh*kw,)
         Position offset of each kernel tap in a table row.
     positions, wq : int
@@ -259,8 +285,9 @@ def _frame_conv(src, books, codes, shifts, positions, wq, batch_block, sub_block
     out : float32 (N, C_t, Ho, Wo)
     """
     n_batch, _, ho, wo = out.shape
-    n_group, c_group, n_sub, n_taps = codes.shape
-    n_books, n_words, subdim = books.shape[0], books.shape[2], books.shape[3]
+    n_group, c_group = codes.shape[0], codes.shape[2]
+    n_books, n_sub, n_words, subdim = books.shape
+    n_taps = shifts.shape[0]
     src_row = n_batch * positions
     frame_one = (ho - 1) * wq + wo
     n_frames = (n_batch + batch_block - 1) // batch_block
@@ -273,23 +300,24 @@ def _frame_conv(src, books, codes, shifts, positions, wq, batch_block, sub_block
         t0 = chunk * t_size
         nt = min(c_group, t0 + t_size) - t0
         gb = g * n_books // n_group
-        row_len = nb * positions
+        row_len = nb * positions  # table row: all positions of the frame's samples
+        row_stride = (row_len + LANES - 1) // LANES * LANES
         frame = (frame_one + (nb - 1) * positions + LANES - 1) // LANES * LANES
-        lut = np.zeros(sub_block * n_words * row_len + SLACK, np.float32)
+        lut = np.zeros(sub_block * n_words * row_stride + SLACK, np.float32)
         acc = np.empty(max(nt, 0) * frame, np.float32)
-        # term k = (i, tap): table row (i*K + code) starts at (i*K + code)*row_len, plus the tap shift
+        # term k = (i, tap): table row i*K + code, shifted by the tap
         term_base = np.empty(sub_block * n_taps, np.int32)
         for k in range(sub_block * n_taps):
-            term_base[k] = (k // n_taps) * n_words * row_len + shifts[k % n_taps]
+            term_base[k] = (k // n_taps) * n_words * row_stride + shifts[k % n_taps]
         offsets = np.empty(sub_block * n_taps, np.int32)
-        stride = np.int32(row_len)
+        stride = np.int32(row_stride)
         src_start = g * n_sub * subdim * src_row + n0 * positions
         for m0 in range(0, n_sub, sub_block):
             mb = min(sub_block, n_sub - m0)
             n_terms = mb * n_taps
-            _build_tables(src, src_start, src_row, books, gb, m0, mb, row_len, lut)
+            _build_tables(src, src_start, src_row, books, gb, m0, mb, row_len, row_stride, lut)
             for t in range(nt):
-                code = codes[g, t0 + t].reshape(-1)[m0 * n_taps:m0 * n_taps + n_terms]
+                code = codes[g, m0 // sub_block, t0 + t]
                 for k in range(n_terms):
                     offsets[k] = term_base[k] + np.int32(code[k]) * stride
                 _accumulate(lut, offsets, n_terms, acc, t * frame, frame, m0 == 0)
@@ -313,6 +341,12 @@ def _subspace_table(books, x, m, out):
     if m >= n_sub:
         out[:n_words] = 0.0
         return
+    if subdim == 4:  # the paper's inner-product setting: unrolled, LLVM vectorises over c
+        w = books[0, m].reshape(-1)
+        x0, x1, x2, x3 = x[4 * m], x[4 * m + 1], x[4 * m + 2], x[4 * m + 3]
+        for c in range(n_words):
+            out[c] = w[4 * c] * x0 + w[4 * c + 1] * x1 + w[4 * c + 2] * x2 + w[4 * c + 3] * x3
+        return
     words = books[0, m]
     xs = x[m * subdim:(m + 1) * subdim]
     for c in range(n_words):
@@ -323,34 +357,34 @@ def _subspace_table(books, x, m, out):
         out[c] = s
 
 
-_U8, _U16 = np.uint64(0xFF), np.uint64(0xFFFF)
+_U8, _U16 = np.uint32(0xFF), np.uint32(0xFFFF)
 
 
 @numba.njit(cache=True, nogil=True, **_JIT)
-def _add_pairs(table, base, w0, w1, s0, s1, s2, s3, s4, s5, s6, s7):
-    """Add the entries ``table[base + code]`` of eight 16-bit codes packed in two words."""
+def _add_pairs(table, base, w0, w1, w2, w3, s0, s1, s2, s3, s4, s5, s6, s7):
+    """Add the entries ``table[base + code]`` of eight 16-bit codes packed in four 32-bit words."""
     s0 += table[base + (w0 & _U16)]
-    s1 += table[base + ((w0 >> np.uint64(16)) & _U16)]
-    s2 += table[base + ((w0 >> np.uint64(32)) & _U16)]
-    s3 += table[base + (w0 >> np.uint64(48))]
-    s4 += table[base + (w1 & _U16)]
-    s5 += table[base + ((w1 >> np.uint64(16)) & _U16)]
-    s6 += table[base + ((w1 >> np.uint64(32)) & _U16)]
-    s7 += table[base + (w1 >> np.uint64(48))]
+    s1 += table[base + (w0 >> np.uint32(16))]
+    s2 += table[base + (w1 & _U16)]
+    s3 += table[base + (w1 >> np.uint32(16))]
+    s4 += table[base + (w2 & _U16)]
+    s5 += table[base + (w2 >> np.uint32(16))]
+    s6 += table[base + (w3 & _U16)]
+    s7 += table[base + (w3 >> np.uint32(16))]
     return s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @numba.njit(cache=True, nogil=True, **_JIT)
-def _add_singles(table, base, w, s0, s1, s2, s3, s4, s5, s6, s7):
-    """Add the entries ``table[base + code]`` of eight 8-bit codes packed in one word."""
-    s0 += table[base + (w & _U8)]
-    s1 += table[base + ((w >> np.uint64(8)) & _U8)]
-    s2 += table[base + ((w >> np.uint64(16)) & _U8)]
-    s3 += table[base + ((w >> np.uint64(24)) & _U8)]
-    s4 += table[base + ((w >> np.uint64(32)) & _U8)]
-    s5 += table[base + ((w >> np.uint64(40)) & _U8)]
-    s6 += table[base + ((w >> np.uint64(48)) & _U8)]
-    s7 += table[base + (w >> np.uint64(56))]
+def _add_singles(table, base, w0, w1, s0, s1, s2, s3, s4, s5, s6, s7):
+    """Add the entries ``table[base + code]`` of eight 8-bit codes packed in two 32-bit words."""
+    s0 += table[base + (w0 & _U8)]
+    s1 += table[base + ((w0 >> np.uint32(8)) & _U8)]
+    s2 += table[base + ((w0 >> np.uint32(16)) & _U8)]
+    s3 += table[base + (w0 >> np.uint32(24))]
+    s4 += table[base + (w1 & _U8)]
+    s5 += table[base + ((w1 >> np.uint32(8)) & _U8)]
+    s6 += table[base + ((w1 >> np.uint32(16)) & _U8)]
+    s7 += table[base + (w1 >> np.uint32(24))]
     return s0, s1, s2, s3, s4, s5, s6, s7
 
 
@@ -359,18 +393,18 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
 
     x : float32 (N, rows*subdim), zero-padded (rows = subspaces incl. padding);
     books : float32 (1, M, K, subdim);
-    codes : uint64, flat: per (block of PAIR_BLOCK tables, group of 8 outputs, table) the eight
-        codes of the group, as two words of 16-bit pair codes ``c1*width + c2`` (``pairs``) or
-        one word of 8-bit codes;
+    codes : uint32, flat: per (block of PAIR_BLOCK tables, group of 8 outputs, table) the eight
+        codes of the group, as four words of two 16-bit pair codes ``c1*width + c2``
+        (``pairs``) or two words of four 8-bit codes;
     width : table row width: ``width*width`` entries per pair table (``width`` = K rounded up
         to LANES), else ``width`` >= K;
     out : float32 (N, C8), C8 = C_t rounded up to 8.
 
-    Index arithmetic is unsigned (uint64) so that Numba emits no negative-index wraparound.
+    Index arithmetic is unsigned so that Numba emits no negative-index wraparound.
     """
     n_batch, c8 = out.shape
     n_groups8 = c8 // 8
-    words_per_group = 2 if pairs else 1
+    words_per_group = 4 if pairs else 2
     n_blocks = codes.shape[0] // (n_groups8 * PAIR_BLOCK * words_per_group)
     n_words = books.shape[2]
     size = width * width if pairs else width
@@ -408,12 +442,13 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
                     base = np.uint64(i * size)
                     if pairs:
                         s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
-                            tables, base, codes[w], codes[w + np.uint64(1)], s0, s1, s2, s3, s4, s5, s6, s7)
-                        w += np.uint64(2)
+                            tables, base, codes[w], codes[w + np.uint64(1)], codes[w + np.uint64(2)],
+                            codes[w + np.uint64(3)], s0, s1, s2, s3, s4, s5, s6, s7)
+                        w += np.uint64(4)
                     else:
                         s0, s1, s2, s3, s4, s5, s6, s7 = _add_singles(
-                            tables, base, codes[w], s0, s1, s2, s3, s4, s5, s6, s7)
-                        w += np.uint64(1)
+                            tables, base, codes[w], codes[w + np.uint64(1)], s0, s1, s2, s3, s4, s5, s6, s7)
+                        w += np.uint64(2)
                 acc[o], acc[o + np.uint64(1)], acc[o + np.uint64(2)], acc[o + np.uint64(3)] = s0, s1, s2, s3
                 acc[o + np.uint64(4)], acc[o + np.uint64(5)], acc[o + np.uint64(6)], acc[o + np.uint64(7)] = \
                     s4, s5, s6, s7
@@ -427,8 +462,8 @@ fc_tables_serial, fc_tables_parallel = serial_and_parallel(_fc_tables, **_JIT)
 class PreparedCodes:
     """A layer's codes in the layouts the kernels read, each built on first use.
 
-    ``frames``: uint8 (G, C_t/G, M, kh*kw) for :func:`_frame_conv`;
-    ``fc``: the 64-bit code words of :func:`_fc_tables` (inner products).
+    ``frames(sub_block)``: uint8 (G, blocks, C_t/G, sub_block*kh*kw) for :func:`_frame_conv`;
+    ``fc(K)``: the 32-bit code words of :func:`_fc_tables` (inner products).
     """
 
     __slots__ = ("codes", "group", "_frames", "_fc")
@@ -436,25 +471,32 @@ class PreparedCodes:
     def __init__(self, codes, group):
         self.codes = np.asarray(codes, np.uint8)
         self.group = int(group)
-        self._frames = None
+        self._frames = {}
         self._fc = None
 
     @property
     def kernel(self):
         return self.codes.shape[1:3]
 
-    @property
-    def frames(self):
-        if self._frames is None:
+    def frames(self, sub_block):
+        """Codes of :func:`_frame_conv` for tables built ``sub_block`` subspaces at a time:
+        uint8 (G, blocks, C_t/G, sub_block * kh*kw), so that the codes one block reads for all
+        output channels are contiguous (a strided walk through a large layer's codes, one short
+        run per channel, would be bound by memory latency)."""
+        if sub_block not in self._frames:
             c_out, kh, kw, m = self.codes.shape
             g = self.group
-            self._frames = np.ascontiguousarray(
-                self.codes.reshape(g, c_out // g, kh * kw, m).transpose(0, 1, 3, 2))
-        return self._frames
+            blocks = -(-m // sub_block)
+            codes = np.zeros((g, c_out // g, blocks * sub_block, kh * kw), np.uint8)
+            codes[:, :, :m] = self.codes.reshape(g, c_out // g, kh * kw, m).transpose(0, 1, 3, 2)
+            codes = codes.reshape(g, c_out // g, blocks, sub_block * kh * kw).transpose(0, 2, 1, 3)
+            self._frames = {sub_block: np.ascontiguousarray(codes)}  # keep one layout only
+        return self._frames[sub_block]
 
     def fc(self, n_words):
-        """``(pairs, width, words)``: code words of :func:`_fc_tables` for K = ``n_words``
-        (inner products: group 1, 1x1 kernel)."""
+        """``(pairs, width, rows, words)`` for :func:`_fc_tables` with K = ``n_words`` (inner
+        products: group 1, 1x1 kernel): pair or single tables, their row width, the number of
+        subspaces incl. padding to whole blocks of tables, and the code words."""
         if self._fc is None or self._fc[0] != n_words:
             c_out, m = self.codes.shape[0], self.codes.shape[3]
             c8 = -(-c_out // 8) * 8
@@ -470,13 +512,13 @@ class PreparedCodes:
                 codes = codes.astype(np.uint8)
             # (C8/8, 8, R/B, B) -> (R/B, C8/8, B, 8): the codes of 8 outputs x B tables contiguous
             codes = codes.reshape(c8 // 8, 8, rows // PAIR_BLOCK, PAIR_BLOCK).transpose(2, 0, 3, 1)
-            words = np.ascontiguousarray(codes).reshape(-1).view(np.uint64)
+            words = np.ascontiguousarray(codes).reshape(-1).view(np.uint32)
             self._fc = (n_words, (pairs, width, rows, words))
         return self._fc[1]
 
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in (self._frames, self._fc[1][3] if self._fc else None) if a is not None)
+        return sum(a.nbytes for a in self._frames.values()) + (self._fc[1][3].nbytes if self._fc else 0)
 
 
 def prepare_codes(codes, group):
@@ -515,12 +557,11 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
     n, c, hp, wp = padded.shape
     (kh, kw), c_out = kernel_codes.kernel, kernel_codes.codes.shape[0]
     ho, wo = out_size
+    if n * c_out * ho * wo == 0:
+        return np.empty((n, c_out, ho, wo), np.float32)
     if (hp, wp, kh, kw, group, codebooks.shape[0]) == (1, 1, 1, 1, 1, 1) and n <= FC_GATHER_MAX_BATCH:
         return _inner_product(padded.reshape(n, c), codebooks, kernel_codes, parallel) \
             .reshape(n, c_out, 1, 1)
-    out = np.empty((n, c_out, ho, wo), np.float32)
-    if n == 0 or c_out == 0 or ho <= 0 or wo <= 0:
-        return out
     _, m, k, subdim = codebooks.shape
     (sh, sw), (dh, dw) = stride, dilation
     # Stride phases: position (qy*sh + ry, qx*sw + rx) -> ((ry*sw + rx)*Hq + qy)*Wq + qx.
@@ -543,13 +584,16 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
             rx, qx = divmod(kx * dw, sw)[::-1]
             shifts[ky * kw + kx] = ((ry * sw + rx) * hq + qy) * wq + qx
     batch_block = max(1, min(n, FRAME_SAMPLE_POSITIONS // positions))
-    row_bytes = 4 * k * batch_block * positions
-    sub_block = max(1, min(m, TABLE_BUDGET // row_bytes))
+    # Subspaces per table block: independent of the batch, so one code layout serves all batches.
+    sub_block = max(1, min(m, TABLE_BUDGET // (4 * k * max(positions, MIN_TABLE_ROW))))
+    if k * sub_block * (positions * batch_block + LANES) >= 2 ** 31:
+        raise ValueError(f"input of {hp}x{wp} positions is too large for the LUT kernel")
     threads = _threads(parallel)
     items = -(-n // batch_block) * group
     t_chunks = max(1, min(c_out // group, -(-threads // items))) if threads > 1 else 1
+    out = np.empty((n, c_out, ho, wo), np.float32)
     kernel = frame_conv_parallel if parallel else frame_conv_serial
-    kernel(src, codebooks, kernel_codes.frames, shifts, positions, wq, batch_block, sub_block,
+    kernel(src, codebooks, kernel_codes.frames(sub_block), shifts, positions, wq, batch_block, sub_block,
            t_chunks, out)
     return out
 

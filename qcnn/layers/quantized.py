@@ -133,16 +133,18 @@ def choose_kernel(ops):
     """Pick "lut" or "dense" from operation counts by a simple cost model.
 
     Costs in units of one BLAS multiply-add: a table lookup-add costs about
-    ``LOOKUP_COST`` of them and decoding one weight value ``DECODE_COST``
-    (memory bound). Measured on a 2-core x86 machine (see benchmarks/).
+    ``LOOKUP_COST`` of them and decoding one weight value ``DECODE_COST``.
     """
     lut = ops["lut_build_macs"] + LOOKUP_COST * ops["lookups"]
     dense = DECODE_COST * ops["decode_values"] + ops["dense_macs"]
     return "lut" if lut <= dense else "dense"
 
 
-LOOKUP_COST = 8.0
-DECODE_COST = 30.0
+# From benchmarks/bench_lut.py on the 2-core x86 machine, one thread: a conv lookup-add costs
+# 2.6-4.1 dense multiply-adds (inner products: less, their dense path is memory bound);
+# decoding one weight value costs 100-400.
+LOOKUP_COST = 3.5
+DECODE_COST = 150.0
 
 
 @register

@@ -125,11 +125,15 @@ def decode(codebooks, codes, channels):
     -------
     float32 (C_t, C_s, kh, kw)
     """
-    g_cb, m, _, subdim = codebooks.shape
+    g_cb, m, k, subdim = codebooks.shape
     c_out = codes.shape[0]
-    book = (np.arange(c_out) * g_cb // c_out)[:, None, None, None]  # codebook of each output
-    vectors = codebooks[book, np.arange(m)[None, None, None, :], codes]  # (C_t, kh, kw, M, subdim)
-    weight = vectors.reshape(codes.shape[:3] + (m * subdim,))[..., :channels]
+    book = (np.arange(c_out, dtype=np.intp) * g_cb // c_out)[:, None, None, None]  # codebook of each output
+    # Index of each sub-vector's codeword among all G_cb * M * K codewords.
+    rows = (book * m + np.arange(m, dtype=np.intp)) * k + codes
+    # Each codeword as one opaque subdim*4-byte element: a 1-D take copies whole codewords.
+    words = np.ascontiguousarray(codebooks, np.float32).view(np.dtype((np.void, 4 * subdim))).ravel()
+    vectors = np.take(words, rows).view(np.float32)  # (C_t, kh, kw, M * subdim)
+    weight = vectors[..., :channels]
     return np.ascontiguousarray(weight.transpose(0, 3, 1, 2))
 
 

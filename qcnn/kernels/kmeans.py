@@ -12,7 +12,7 @@ parallel variant). Per subspace, with n points of dimension d and K codewords:
    optimum). Stage k adds codeword k by greedy k-means++ (D^2) seeding: 2 +
    ln k candidates are drawn with probability proportional to each point's
    squared distance to its codeword, the one that lowers the distortion most
-   is kept, and Lloyd iterations follow. Adding a codeword lowers no point's
+   is kept, and Lloyd iterations follow. Adding a codeword raises no point's
    distance; if rounding ever made a stage's Lloyd iterations end above the
    distortion they started from, the stage falls back to its starting point.
    So stage k's result (which *is* the answer for K = k) is never worse than
@@ -27,19 +27,27 @@ parallel variant). Per subspace, with n points of dimension d and K codewords:
    way afterwards, so all K codewords are used whenever there are more than K
    distinct points.
 
-Speed. The assignment step uses Hamerly's bounds: per point an upper bound
-of the distance to its codeword and a lower bound of the distance to every
-other codeword, moved by how far the codewords moved; only points whose
-bounds overlap are looked at, and only those still in doubt after an exact
-distance to their own codeword are compared with all codewords (a loop over
-the codebook stored transposed, (d, K), that LLVM vectorises). Passes over
-all points (D^2 candidates, offering a new codeword) loop over points stored
-transposed, (d, n), also vectorised. Cluster sums, sums of squared norms and
-counts are float64 and updated only for points that change cluster, so a
-Lloyd iteration's distortion costs O(K d), not O(n d). Squared distances are
-float32 ``sum_j (x_j - c_j)^2``, always accumulated in the same order; no
-fastmath (no contraction or reassociation), so the serial and parallel
-variants give bit-identical results.
+Cost and speed. Growing to K runs K Lloyd stages instead of one; each starts
+from the previous optimum, so it mostly moves few points, but its tail of
+small iterations is real Lloyd dynamics. That price buys the guarantee.
+What makes an iteration cheap is not looking at points that cannot move
+(Elkan's bounds, kept per point and per centre, relative to how far each
+centre drifted; see "Bounds" below): centres that moved much get exact
+distances to all points in one vectorised pass, the others only loosen the
+bounds, and only points whose bounds overlap are examined -- exact distance
+to their centre, then to their runner-up (boundary points flip between the
+two), and only then to all K centres (a loop over the codebook stored
+transposed, (d, K), that LLVM vectorises). Passes over all points loop over
+points stored transposed, (d, n), in cache-sized blocks, selects only, so
+they vectorise too. Cluster sums, sums of squared norms and counts are
+float64 and updated only for points that change cluster, so a Lloyd
+iteration's distortion costs O(K d), not O(n d).
+
+Determinism. Squared distances are float32 ``sum_j (x_j - c_j)^2``, always
+accumulated in the same order, and no fastmath is used (no contraction or
+reassociation), so every code path gets the same value for the same pair and
+the serial and parallel variants give bit-identical results. Bounds compare
+with a relative margin of 1e-5 so float32 rounding cannot make them wrong.
 """
 
 import numpy as np
@@ -52,6 +60,8 @@ MARGIN = np.float32(1 - 1e-5)  # bounds are float32: compare with some room for 
 EXACT_MOVES = 8  # per Lloyd iteration, exact distances to at most this many moved centres ...
 EXACT_FRACTION = np.float32(0.25)  # ... that moved more than this fraction of the largest move
 BLOCK = 512  # points per block when updating bounds
+PENDING_MOVE = np.float32(0.01)  # moves are applied to the bounds once they add up to this
+# times the rms distance; until then they only loosen every bound by their largest total
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -283,16 +293,16 @@ def _first_empty(counts, k):
 
 
 # Bounds. Every point i keeps its centre assign[i], a second centre runner[i]
-# and Euclidean bounds: upper[i] >= its distance to its centre, runner_low[i] <=
-# its distance to the runner, others_low[i] <= its distance to every other
-# centre, and for every centre c, lower[c, i] - drift[c] <= its distance to c
-# (drift: how far c moved since the stage began). It is certainly at its nearest
-# centre while upper <= min(runner_low, others_low). When centre c moves by m,
-# one vectorised pass over the points adds m to the upper bounds of its members,
-# takes m off the runner bounds of the points whose runner it is, and lowers the
-# others bound of the rest to lower[c] - drift[c] where that is smaller. A point
-# whose bounds overlap gets the exact distance to its centre, then to its runner
-# (boundary points flip between the two), and only then to all centres.
+# (its runner-up when last computed) and Euclidean bounds: upper[i] >= its
+# distance to its centre, runner_low[i] <= its distance to the runner,
+# others_low[i] <= its distance to every other centre, and for every centre c,
+# lower[c, i] - drift[c] <= its distance to c (drift: how far c moved since the
+# stage began; lower is (K, n) so a centre's row is contiguous). The point is
+# certainly at its nearest centre while upper <= min(runner_low, others_low).
+# When centre c moves by m, a pass over the points either refreshes all this
+# from the exact distances to c (large moves) or adds m to the upper bounds of
+# c's members, takes m off the runner bounds of the points whose runner c is,
+# and lowers everyone else's others bound to lower[c] - drift[c] where smaller.
 
 
 @njit(cache=True, nogil=True)
@@ -350,25 +360,6 @@ def _scan(x, i, centres_t, k, assign, runner, upper, runner_low, others_low, low
 
 
 @njit(cache=True, nogil=True)
-def _exact_bounds(x, centres_t, k, assign, runner, upper, runner_low, others_low, lower, drift,
-                  buffer):
-    """Every bound from scratch for a fixed assignment (drift must be 0)."""
-    for i in range(x.shape[0]):
-        a = assign[i]
-        _scan(x, i, centres_t, k, assign, runner, upper, runner_low, others_low, lower, drift,
-              buffer)
-        if assign[i] != a:  # keep the given assignment: put ``a`` first
-            c1 = assign[i]
-            d_a = np.float32(np.sqrt(buffer[a]))
-            assign[i] = a
-            upper[i] = d_a
-            if runner[i] != a:
-                others_low[i] = min(others_low[i], runner_low[i])
-            runner[i] = c1
-            runner_low[i] = np.float32(np.sqrt(buffer[c1]))
-
-
-@njit(cache=True, nogil=True)
 def _repair(x, xt, norms, centres, centres_t, k, assign, runner, dist, upper, runner_low,
             others_low, lower, sums, squares, counts, changed, previous, scratch):
     """Between stages: re-seed empty clusters with the farthest points until none is
@@ -392,17 +383,18 @@ def _repair(x, xt, norms, centres, centres_t, k, assign, runner, dist, upper, ru
 
 
 @njit(cache=True, nogil=True)
-def _update_bounds(xt, centres, moved, n_moved, exact, move, drift, assign, runner, upper,
+def _update_bounds(xt, centres, moved, n_moved, exact, move, drift, slack, assign, runner, upper,
                    runner_low, others_low, lower, scratch, candidates):
     """Account for the moved centres in every point's bounds and list the points whose
     bounds overlap; returns how many.
 
-    ``moved[:n_moved]`` are the centres that moved, by ``move`` (``drift``
-    already includes it). For those flagged in ``exact`` the bounds are refreshed
-    from exact distances; for the others they are loosened by the move. Points
-    are processed in blocks that stay in L1 cache; every inner loop runs over the
-    points of a block from index 0 (no negative-index checks) with selects only,
-    so LLVM vectorises it.
+    ``moved[:n_moved]`` are the centres whose moves are applied now: those
+    flagged in ``exact`` refresh the bounds from exact distances, the others
+    loosen them by ``move`` (``drift`` already includes it). Moves not applied
+    yet are covered by ``slack``, the largest such total of any centre. Points
+    are processed in blocks that stay in L1 cache; every inner loop runs over
+    the points of a block from index 0 (no negative-index checks) with selects
+    only, so LLVM vectorises it.
     """
     d, n = xt.shape
     inf = np.float32(np.inf)
@@ -453,25 +445,31 @@ def _update_bounds(xt, centres, moved, n_moved, exact, move, drift, assign, runn
                     o = o_b[i]
                     o_b[i] = low if low < o else o
         for i in range(size):
-            low = min(rl_b[i], o_b[i])
+            low = min(rl_b[i], o_b[i]) - slack
             candidates[n_candidates] = start + i
-            n_candidates += 1 if u_b[i] > low * MARGIN else 0
+            n_candidates += 1 if u_b[i] + slack > low * MARGIN else 0
     return n_candidates
 
 
 @njit(cache=True, nogil=True)
 def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_low, others_low,
-           lower, dist, sums, squares, counts, changed, max_iter, tol, move, drift, moved_list, exact,
-           candidates, scratch, buffer):
-    """Lloyd iterations on the first ``k`` centres; returns the number of iterations.
+           lower, dist, sums, squares, counts, changed, max_iter, tol, move, drift, pending,
+           moved_list, exact, candidates, scratch, buffer):
+    """Lloyd iterations on the first ``k`` centres; returns (iterations, slack).
 
     On entry every point is at its nearest centre with valid bounds, drift is 0
     and ``changed`` flags clusters whose members changed since their centre was
-    computed. ``dist`` is scratch.
+    computed. ``dist`` is scratch. Small moves are not applied to the bounds at
+    once: they add up in ``pending`` until a centre's total exceeds a threshold,
+    and meanwhile every bound is taken to be loose by the largest pending total
+    (``slack``). On return the bounds are valid up to that slack.
     """
     n, d = x.shape
     distortion = _statistics_distortion(centres, k, sums, squares, counts)
+    threshold = np.float32(np.sqrt(max(distortion, 0.0) / n)) * PENDING_MOVE
     drift[:k] = 0.0
+    pending[:k] = 0.0
+    slack = np.float32(0.0)
     iterations = 0
     while iterations < max_iter:
         iterations += 1
@@ -503,15 +501,24 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_lo
             largest = max(largest, move[c])
         n_moved = 0
         n_exact = 0
+        slack = np.float32(0.0)
         for c in range(k):
             if move[c] <= 0.0:
+                slack = max(slack, pending[c])
                 continue
             drift[c] += move[c]
-            moved_list[n_moved] = c
-            is_exact = move[c] > largest * EXACT_FRACTION and n_exact < EXACT_MOVES
-            exact[n_moved] = is_exact
-            n_exact += 1 if is_exact else 0
-            n_moved += 1
+            pending[c] += move[c]
+            is_exact = (move[c] > largest * EXACT_FRACTION and n_exact < EXACT_MOVES
+                        and move[c] > threshold)
+            if is_exact or pending[c] > threshold:
+                moved_list[n_moved] = c
+                exact[n_moved] = is_exact
+                move[c] = pending[c]
+                pending[c] = 0.0
+                n_exact += 1 if is_exact else 0
+                n_moved += 1
+            else:
+                slack = max(slack, pending[c])
         if far >= 0:
             a = assign[far]
             _move(x, norms, far, a, empty, sums, squares, counts, changed)
@@ -525,8 +532,8 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_lo
             upper[far] = 0.0
             runner_low[far] = e
         # (the points whose bounds overlap)
-        n_candidates = _update_bounds(xt, centres, moved_list, n_moved, exact, move, drift, assign,
-                                      runner, upper, runner_low, others_low, lower, scratch,
+        n_candidates = _update_bounds(xt, centres, moved_list, n_moved, exact, move, drift, slack,
+                                      assign, runner, upper, runner_low, others_low, lower, scratch,
                                       candidates)
         # assignment step for them: own centre, then runner, then all
         moved = 0
@@ -538,8 +545,8 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_lo
             u = np.sqrt(dist_a)
             upper[i] = u
             lower[a, i] = u + drift[a]
-            others = others_low[i]
-            if u <= min(runner_low[i], others) * MARGIN:
+            others = others_low[i] - slack
+            if u <= min(runner_low[i] - slack, others) * MARGIN:
                 continue
             dist_b = _distance(x[i], centres[b])
             r = np.sqrt(dist_b)
@@ -565,7 +572,7 @@ def _lloyd(x, xt, norms, centres, centres_t, k, assign, runner, upper, runner_lo
             continue
         if moved == 0 or improvement <= tol * (distortion + improvement):
             break
-    return iterations
+    return iterations, slack
 
 
 @njit(cache=True, nogil=True)
@@ -584,6 +591,7 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
     changed = np.zeros(k_max, np.bool_)
     move = np.zeros(k_max, np.float32)
     drift = np.zeros(k_max, np.float32)
+    pending = np.zeros(k_max, np.float32)
     moved_list = np.empty(k_max, np.int64)
     exact = np.zeros(k_max, np.bool_)
     buffer = np.empty(k_max, np.float32)
@@ -595,7 +603,6 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
     others_low = np.full(n, np.inf, np.float32)
     lower = np.zeros((k_max, n), np.float32)
     previous = np.empty(n, np.int32)
-    saved_assign = np.empty(n, np.int32)
     candidates = np.empty(n, np.int64)
     scratch = np.empty(n, np.float32)
     trial_dist = np.empty(n, np.float32)
@@ -661,8 +668,10 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
             if chosen >= 0:
                 _distances_to(xt, x[chosen], best_dist)
         if chosen < 0:
-            # nothing left to separate: repeat the first codeword
+            # nothing left to separate: repeat the first codeword (bounds stay valid at 0)
             _set_centre(centres, centres_t, k, centres[0])
+            lower[k] = 0.0
+            others_low[:] = 0.0
             continue
         # add the codeword and move the points nearer to it
         _set_centre(centres, centres_t, k, x[chosen])
@@ -676,16 +685,17 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
                 _move(x, norms, i, previous[i], assign[i], sums, squares, counts, changed)
         k_now = k + 1
         start = _sum(dist, n)
-        saved_assign[:] = assign
         saved_centres[:k_now] = centres[:k_now]
-        iterations = _lloyd(x, xt, norms, centres, centres_t, k_now, assign, runner, upper,
-                            runner_low, others_low, lower, dist, sums, squares, counts, changed,
-                            max_iter, tol, move, drift, moved_list, exact, candidates, scratch,
-                            buffer)
+        iterations, slack = _lloyd(x, xt, norms, centres, centres_t, k_now, assign, runner, upper,
+                                   runner_low, others_low, lower, dist, sums, squares, counts,
+                                   changed, max_iter, tol, move, drift, pending, moved_list, exact,
+                                   candidates, scratch, buffer)
         # back to exact distances and plain bounds
         _own_distances(x, centres, assign, dist)
         for i in range(n):
             upper[i] = np.sqrt(dist[i])
+            runner_low[i] -= slack
+            others_low[i] -= slack
         for c in range(k_now):
             if drift[c] != 0.0:
                 row = lower[c]
@@ -696,14 +706,15 @@ def _grow(x, xt, norms, num_codewords, max_iter, tol, seed, centres, assign):
         distortion = _sum(dist, n)
         if distortion > start:
             # rounding left the stage worse than it started: go back to its start
-            assign[:] = saved_assign
+            # (and every point to its nearest centre, which can only lower it further)
             for c in range(k_now):
                 _set_centre(centres, centres_t, c, saved_centres[c])
+            for i in range(n):
+                _scan(x, i, centres_t, k_now, assign, runner, upper, runner_low, others_low, lower,
+                      drift, buffer)
             _rebuild(x, norms, k_now, assign, sums, squares, counts)
             changed[:k_now] = True
             _own_distances(x, centres, assign, dist)
-            _exact_bounds(x, centres_t, k_now, assign, runner, upper, runner_low, others_low, lower,
-                          drift, buffer)
         _repair(x, xt, norms, centres, centres_t, k_now, assign, runner, dist, upper, runner_low,
                 others_low, lower, sums, squares, counts, changed, previous, scratch)
         distortion = _sum(dist, n)

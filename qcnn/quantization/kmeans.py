@@ -14,13 +14,15 @@ Guarantees (per subspace; the data is taken as float32, the codebook precision):
   run for K passes through exactly the result for every smaller K.
 * **All codewords used** whenever there are more than K distinct points
   (empty clusters are re-seeded with the point farthest from its codeword).
-* **Reproducible**: the result depends only on the data, K, ``seed``,
-  ``n_init``, ``max_iter`` and ``tol``; ``parallel`` changes the speed, not
-  one bit of the result.
+* **Reproducible**: the result depends only on the input array, K, ``seed``,
+  ``n_init``, ``max_iter`` and ``tol``; ``parallel`` and the thread count
+  change the speed, not one bit of the result.
 
-Cost: growing to K runs K Lloyd stages instead of one, but each starts from
-the previous optimum and the assignment step only revisits what moved, so a
-whole run is typically a few Lloyd runs' worth of distance computations.
+Cost: growing to K runs K Lloyd stages instead of one. Each starts from the
+previous optimum and the kernels only examine points whose bounds say they
+might move, but the total is still several times the distance computations
+of a single k-means run; see ``benchmarks/README.md`` for measured times
+against scikit-learn and faiss.
 """
 
 from typing import NamedTuple
@@ -45,7 +47,7 @@ class KMeansResult(NamedTuple):
         Index of the codeword of each point, < K.
     distortion : float64 (M,)
         Sum over the n points of the squared distance to their codeword
-        (float32 differences squared, summed in float64).
+        (each point's in float32, the sum in float64).
     iterations : int64 (M,)
         Lloyd iterations of the last growth stage (0 when the subspace was
         quantized exactly without iterating).
@@ -83,7 +85,8 @@ def kmeans(subvectors, num_codewords, *, seed=0, n_init=1, max_iter=100, tol=1e-
         Seeds ``numpy.random.default_rng``, which draws one random stream per
         subspace and restart.
     n_init : int
-        Restarts (different k-means++ draws); the lowest distortion is kept.
+        Restarts (different k-means++ draws); the lowest distortion is kept. The
+        first restarts are the same for any ``n_init``, so more are never worse.
     max_iter : int
         Most Lloyd iterations per growth stage (one stage per codeword).
     tol : float
@@ -145,7 +148,10 @@ def kmeans(subvectors, num_codewords, *, seed=0, n_init=1, max_iter=100, tol=1e-
             raise QcnnError(f"k-means: subvector values must be below {MAX_ABS_VALUE:g} in magnitude")
 
     rng = np.random.default_rng(seed)
-    seeds = rng.integers(0, np.iinfo(np.int64).max, size=(m, n_init), dtype=np.int64).view(np.uint64)
+    # restart r of every subspace draws from the r-th block of M: more restarts keep the
+    # earlier ones, so the result with n_init + 1 is never worse than with n_init
+    seeds = rng.integers(0, np.iinfo(np.int64).max, size=(n_init, m), dtype=np.int64)
+    seeds = np.ascontiguousarray(seeds.T).view(np.uint64)
     codebooks = np.zeros((m, k, d), np.float32)
     codes = np.zeros((m, n), np.uint8)
     distortion = np.zeros(m, np.float64)

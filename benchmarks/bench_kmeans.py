@@ -17,7 +17,10 @@ as :func:`qcnn.quantization.pq.subvectors` cuts them.
 Methods, on the same sub-vectors:
 
 * ``qcnn``:    ``qcnn.quantization.kmeans.kmeans(points, K, seed, max_iter, tol)`` -- one call
-  for a chunk of subspaces, spread over Numba's threads (prange over subspaces);
+  for a chunk of subspaces, spread over Numba's threads (prange over subspaces); the default
+  mode, whose distortion provably never grows with K (Lloyd after every added codeword);
+* ``qcnn-fast``: the same with ``monotone=False`` (greedy k-means++ seeding of all K codewords,
+  then one Lloyd run: no guarantee in K);
 * ``sklearn``: ``sklearn.cluster.KMeans(K, n_init=1, init="k-means++", max_iter, tol=1e-4
   (its default; its tol is a centre shift, not comparable to ours), random_state)``,
   one fit per subspace;
@@ -136,11 +139,16 @@ def sse(points, codebooks, codes):
 
 # ---------------------------------------------------------------- methods
 
-def run_qcnn(points, k, first, args):
+def run_qcnn(points, k, first, args, monotone=True):
     from qcnn.quantization.kmeans import kmeans
 
-    result = kmeans(points, k, seed=args.seed + first, max_iter=args.max_iter, tol=args.tol)
+    result = kmeans(points, k, seed=args.seed + first, max_iter=args.max_iter, tol=args.tol,
+                    monotone=monotone)
     return result.codebooks, result.codes, {"iterations_last_stage": result.iterations.tolist()}
+
+
+def run_qcnn_fast(points, k, first, args):
+    return run_qcnn(points, k, first, args, monotone=False)
 
 
 def run_sklearn(points, k, first, args):
@@ -177,7 +185,7 @@ def run_faiss(points, k, first, args):
     return codebooks, codes, {"iterations": args.faiss_niter}
 
 
-METHODS = {"qcnn": run_qcnn, "sklearn": run_sklearn, "faiss": run_faiss}
+METHODS = {"qcnn": run_qcnn, "qcnn-fast": run_qcnn_fast, "sklearn": run_sklearn, "faiss": run_faiss}
 
 
 # ---------------------------------------------------------------- measurement
@@ -214,8 +222,15 @@ def measure_layer(name, methods, threads, args):
                "points_per_subspace": points.shape[1], "subspaces_run": m, "subspaces_total": total,
                "methods": {}}
     ours = results["qcnn"]
+    fast = results.get("qcnn-fast")
     for method in methods:
         entry = results[method]
+        if fast is not None:
+            fast_ratios = {
+                "distortion_ratio_fast_over": float(fast["distortion"].sum() / entry["distortion"].sum()),
+                "time_ratio_fast_over": fast["wall_s"] / entry["wall_s"]}
+        else:
+            fast_ratios = {}
         summary["methods"][method] = {
             "wall_s": entry["wall_s"], "cpu_s": entry["cpu_s"],
             "ms_per_subspace": entry["wall_s"] / m * 1e3,
@@ -224,6 +239,7 @@ def measure_layer(name, methods, threads, args):
             "distortion_ratio_qcnn_over": float(ours["distortion"].sum() / entry["distortion"].sum()),
             "time_ratio_qcnn_over": ours["wall_s"] / entry["wall_s"],
             "subspaces_qcnn_lower": int((ours["distortion"] < entry["distortion"]).sum()),
+            **fast_ratios,
             "extra": entry["extra"],
         }
     return summary
@@ -309,19 +325,23 @@ def environment(methods):
 # ---------------------------------------------------------------- report
 
 def print_table(summaries):
-    header = (f"{'layer':6} {'thr':>3} {'method':8} {'subspaces':>9} {'distortion':>12} "
-              f"{'qcnn/x D':>9} {'lower in':>9} {'wall s':>8} {'ms/sub':>8} {'qcnn/x time':>11}")
+    header = (f"{'layer':6} {'thr':>3} {'method':9} {'subspaces':>9} {'distortion':>12} "
+              f"{'qcnn/x D':>9} {'lower in':>9} {'wall s':>8} {'ms/sub':>8} {'qcnn/x time':>11} "
+              f"{'fast/x D':>9} {'fast/x time':>11}")
     print(header)
     print("-" * len(header))
     for s in summaries:
         for method, r in s["methods"].items():
-            print(f"{s['layer']:6} {s['threads']:>3} {method:8} "
+            fast = (f"{r['distortion_ratio_fast_over']:9.4f} {r['time_ratio_fast_over']:11.3f}"
+                    if "time_ratio_fast_over" in r else "")
+            print(f"{s['layer']:6} {s['threads']:>3} {method:9} "
                   f"{str(s['subspaces_run']) + '/' + str(s['subspaces_total']):>9} "
                   f"{r['distortion_total']:12.6g} {r['distortion_ratio_qcnn_over']:9.4f} "
                   f"{r['subspaces_qcnn_lower']:>4}/{s['subspaces_run']:<4} {r['wall_s']:8.2f} "
-                  f"{r['ms_per_subspace']:8.2f} {r['time_ratio_qcnn_over']:11.3f}")
+                  f"{r['ms_per_subspace']:8.2f} {r['time_ratio_qcnn_over']:11.3f} {fast}")
     print("qcnn/x D: qcnn's total distortion over the method's (< 1: qcnn lower); lower in: subspaces "
-          "where qcnn's is lower; qcnn/x time: qcnn's wall time over the method's (< 1: qcnn faster).")
+          "where qcnn's is lower; qcnn/x time: qcnn's wall time over the method's (< 1: qcnn faster); "
+          "fast/x: the same for qcnn-fast (monotone=False).")
 
 
 def main(argv=None):
@@ -333,7 +353,7 @@ def main(argv=None):
     import numba
     from threadpoolctl import threadpool_limits
 
-    methods = ["qcnn", "sklearn"]
+    methods = ["qcnn", "qcnn-fast", "sklearn"]
     try:
         import faiss
         methods.append("faiss")

@@ -73,6 +73,17 @@ def test_quantize_default_model_end_to_end(tmp_path, capsys):
     np.testing.assert_allclose(probabilities["lut"], probabilities["dense"], rtol=1e-4)
 
 
+def test_fast_kmeans_option(tmp_path, capsys):
+    out = tmp_path / "fast.qcnn"
+    model = str(qcnn.resources.DEFAULT_MODEL)
+    assert main(["quantize", model, "-o", str(out), "--no-ec", "--fast-kmeans", "--json"]) == 0
+    fast = json.loads(capsys.readouterr().out)["layers"]
+    assert main(["quantize", model, "-o", str(out), "--no-ec", "--json"]) == 0
+    grown = json.loads(capsys.readouterr().out)["layers"]
+    for a, b in zip(fast, grown):
+        assert a["name"] == b["name"] and 0 < a["weight_error"] < 1 and 0 < b["weight_error"] < 1
+
+
 def test_quantize_errors(tmp_path):
     model = str(qcnn.resources.DEFAULT_MODEL)
     out = tmp_path / "x.qcnn"

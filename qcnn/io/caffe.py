@@ -129,8 +129,8 @@ def _copy(*names):
     return lambda msg: {n: _last(msg, n) for n in names if _last(msg, n) is not None}
 
 
-def _enum_copy(*names):
-    return lambda msg: {n: str(_last(msg, n)) for n in names if _last(msg, n) is not None}
+def _no_params(msg):
+    return {}
 
 
 def _eltwise(msg):
@@ -166,10 +166,6 @@ def _lrn(msg):
     return params
 
 
-def _relu6(msg):
-    return {}
-
-
 # type -> (parameter message, {known fields}, converter)
 _PARAMS = {
     "Convolution": ("convolution_param", {"num_output", "bias_term", "pad", "kernel_size", "stride",
@@ -182,7 +178,7 @@ _PARAMS = {
                 "kernel_w", "stride", "stride_h", "stride_w", "engine", "global_pooling",
                 "round_mode", "ceil_mode"}, _pooling),
     "ReLU": ("relu_param", {"negative_slope", "engine"}, _copy("negative_slope")),
-    "ReLU6": ("relu6_param", set(), _relu6),
+    "ReLU6": ("relu6_param", set(), _no_params),
     "Clip": ("clip_param", {"min", "max"}, _copy("min", "max")),
     "LRN": ("lrn_param", {"local_size", "alpha", "beta", "norm_region", "k", "engine"}, _lrn),
     "BatchNorm": ("batch_norm_param", {"use_global_stats", "moving_average_fraction", "eps"},
@@ -194,13 +190,13 @@ _PARAMS = {
     "Flatten": ("flatten_param", {"axis", "end_axis"}, _copy("axis", "end_axis")),
     "Dropout": ("dropout_param", {"dropout_ratio", "scale_train"}, _copy("dropout_ratio")),
     "Softmax": ("softmax_param", {"axis", "engine"}, _copy("axis")),
-    "Sigmoid": ("sigmoid_param", {"engine"}, lambda msg: {}),
-    "TanH": ("tanh_param", {"engine"}, lambda msg: {}),
+    "Sigmoid": ("sigmoid_param", {"engine"}, _no_params),
+    "TanH": ("tanh_param", {"engine"}, _no_params),
     "Power": ("power_param", {"power", "scale", "shift"}, _copy("power", "scale", "shift")),
     "ELU": ("elu_param", {"alpha"}, _copy("alpha")),
     "PReLU": ("prelu_param", {"filler", "channel_shared"},
               lambda msg: {"channel_shared": _bool(_last(msg, "channel_shared", False))}),
-    "Split": ("split_param", set(), lambda msg: {}),
+    "Split": ("split_param", set(), _no_params),
     "Slice": ("slice_param", {"axis", "slice_point", "slice_dim"}, _slice),
     "Reshape": ("reshape_param", {"shape", "axis", "num_axes"}, _reshape),
 }

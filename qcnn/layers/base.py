@@ -114,12 +114,13 @@ class Layer:
         for i, (a, e) in enumerate(zip(actual, expected)):
             if a != e and (int(np.prod(a)) != int(np.prod(e)) or not _is_legacy(a, e)):
                 raise self.error(f"weight blob {i} has shape {a}, but the network needs {e}")
-        # Aligned, contiguous float32: views into a file buffer can be misaligned, and
-        # BLAS refuses misaligned arrays (NumPy then falls back to loops 20x slower).
-        self.blobs = [np.require(b.reshape(e), np.float32, ("C", "A"))
-                      for b, e in zip(self.blobs, expected)]
+        # Aligned and contiguous: views into a file buffer can be misaligned, and BLAS
+        # refuses misaligned arrays (NumPy then falls back to loops 20x slower). Weights are
+        # float32; blobs stored bit-packed (integer codes) are uint8.
+        self.blobs = [np.require(b.reshape(e), np.float32 if bits is None else np.uint8, ("C", "A"))
+                      for b, e, bits in zip(self.blobs, expected, self.blob_storage())]
         for i, b in enumerate(self.blobs):
-            if not np.isfinite(b).all():
+            if b.dtype == np.float32 and not np.isfinite(b).all():
                 raise self.error(f"weight blob {i} contains NaN or infinite values")
 
     def blob_storage(self):

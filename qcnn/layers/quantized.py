@@ -56,13 +56,11 @@ class _ProductQuantized:
         self.blobs += [rng.normal(0, 0.1, shape).astype(np.float32) for shape in bias]
 
     def check_blobs(self, input_shapes):
-        codes = self.blobs[1] if len(self.blobs) > 1 else None
         super().check_blobs(input_shapes)
-        if codes is not None:
-            self.blobs[1] = np.require(codes, np.uint8, ("C", "A"))  # not float32
-            if self.blobs[1].size and int(self.blobs[1].max()) >= self.params["num_codewords"]:
-                raise self.error(f"codes reach {int(self.blobs[1].max())}, but there are only "
-                                 f"{self.params['num_codewords']} codewords")
+        codes = self.blobs[1]
+        if codes.size and int(codes.max()) >= self.params["num_codewords"]:
+            raise self.error(f"codes reach {int(codes.max())}, but there are only "
+                             f"{self.params['num_codewords']} codewords")
         self._kernel_codes = None
 
     def blob_storage(self):

@@ -16,7 +16,8 @@ from qcnn import __version__
 from qcnn.errors import QcnnError
 from qcnn import resources
 from qcnn.io import caffe, image, modelfile
-from qcnn.io.files import read_bytes
+from qcnn.io.files import atomic_write, read_bytes
+from qcnn.evaluate import agreement, accuracy, predict, probabilities
 from qcnn.layers.quantized import set_kernel
 
 
@@ -98,46 +99,103 @@ def _layer_override(text):
     return name, (subdim, k)
 
 
-def cmd_quantize(args):
-    from qcnn.compress import quantize_net
+class _Progress:
+    """Per-layer progress on stderr: an in-place bar on a terminal, one line per layer otherwise."""
 
-    if not args.no_ec:
-        raise QcnnError("error correction from calibration data is not available yet; pass --no-ec "
-                        "to quantize by k-means on the weights alone")
-    net = open_model(args.model)
+    def __init__(self, stream, enabled):
+        self.stream, self.enabled = stream, enabled
+        self.live = enabled and stream.isatty()
+        self.prefix = ""
+
+    def __call__(self, event, info):
+        if not self.enabled:
+            return
+        if event == "layer":
+            self.prefix = f"[{info['position']}/{info['count']}] {info['name']}"
+            self._show(f"{self.prefix}  k-means ...")
+        elif event == "iteration":
+            total = info["max_iter"] or 1
+            filled = min(20, round(20 * info["iteration"] / total))
+            self._show(f"{self.prefix}  EC |{'#' * filled}{'.' * (20 - filled)}| "
+                       f"iteration {info['iteration']}/{total}  objective {info['objective']:.4g}")
+        elif event == "done":
+            r = info
+            text = f"{self.prefix}  subdim {r['subdim']} K {r['num_codewords']}  weight error {r['weight_error']:.3f}"
+            if "response_error" in r:
+                text += (f"  response error {r['response_error_kmeans']:.4f} -> {r['response_error']:.4f}"
+                         f" ({r['iterations']} iterations, {r['samples']} samples)")
+            self._show(f"{text}  {r['seconds']:.1f} s", end="\n")
+
+    def _show(self, text, end=""):
+        if self.live:
+            self.stream.write("\r\033[K" + text + end)
+        elif end:
+            self.stream.write(text + end)
+        self.stream.flush()
+
+
+def _check_settings(args):
     for name, value in (("--conv-k", args.conv_k), ("--fc-k", args.fc_k)):
         if not 1 <= value <= 256:
             raise QcnnError(f"{name} must be between 1 and 256, got {value}")
-    for name, value in (("--conv-subdim", args.conv_subdim), ("--fc-subdim", args.fc_subdim)):
+    for name, value in (("--conv-subdim", args.conv_subdim), ("--fc-subdim", args.fc_subdim),
+                        ("--calib-size", args.calib_size), ("--samples", args.samples),
+                        ("--ec-iter", args.ec_iter)):
         if value < 1:
             raise QcnnError(f"{name} must be at least 1, got {value}")
+
+
+def cmd_quantize(args):
+    from qcnn.compress import quantize_net
+
+    if args.calib is None and not args.no_ec:
+        raise QcnnError("error correction needs unlabeled calibration images: give --calib DIR "
+                        "(or an array file), or --no-ec for k-means on the weights alone")
+    _check_settings(args)
+    net = open_model(args.model)
+    calibration = None if args.calib is None else \
+        _dataset_for(net, args.calib).sample(args.calib_size, args.seed).array()
     overrides = dict(args.layer or [])
     for name in args.skip or []:
         overrides[name] = None
-    show = not (args.json or args.quiet)
-
-    def progress(row):
-        if show:
-            print(f"  {row['name']:<20} subdim {row['subdim']:>2}  K {row['num_codewords']:>3}  "
-                  f"weight error {row['weight_error']:.3f}  {row['seconds']:.1f} s", file=sys.stderr)
-
-    quantized, report = quantize_net(net, (args.conv_subdim, args.conv_k), (args.fc_subdim, args.fc_k),
-                                     overrides, shared_codebook=not args.per_group_codebooks,
-                                     seed=args.seed, kernel=args.kernel, progress=progress,
-                                     monotone=not args.fast_kmeans)
+    quantized, report = quantize_net(
+        net, (args.conv_subdim, args.conv_k), (args.fc_subdim, args.fc_k), overrides,
+        shared_codebook=not args.per_group_codebooks, seed=args.seed, kernel=args.kernel,
+        calibration=calibration, error_correction=not args.no_ec, max_samples=args.samples,
+        ec_options={"max_iter": args.ec_iter}, monotone=not args.fast_kmeans,
+        progress=_Progress(sys.stderr, not (args.json or args.quiet)))
     if not report:
         raise QcnnError(f"{args.model}: no layer to quantize")
-    modelfile.save(quantized, args.output)
     totals = _totals(quantized.summary())
+    result = {"model": str(args.model), "output": str(args.output),
+              "calibration": None if calibration is None else
+              {"source": str(args.calib), "images": len(calibration), "seed": args.seed},
+              "error_correction": calibration is not None and not args.no_ec,
+              "layers": report, "total": totals}
+    modelfile.save(quantized, args.output)
+    if args.report:
+        with atomic_write(args.report, "w") as f:
+            json.dump(result, f, indent=1)
     if args.json:
-        json.dump({"model": str(args.model), "output": str(args.output), "layers": report,
-                   "total": totals}, sys.stdout, indent=1)
+        json.dump(result, sys.stdout, indent=1)
         print()
     elif not args.quiet:
+        _print_report(report)
         print(f"wrote {args.output}: {_fmt_bytes(totals['dense_bytes'])} -> {_fmt_bytes(totals['bytes'])} "
               f"({totals['compression']:.1f}x), {totals['dense_macs'] / 1e6:.1f}M -> "
               f"{totals['macs'] / 1e6:.1f}M MACs ({totals['speedup']:.2f}x)")
     return 0
+
+
+def _print_report(report):
+    print(f"{'layer':<20} {'subdim':>6} {'K':>4} {'bytes before':>12} {'bytes after':>12} {'ratio':>6} "
+          f"{'MACs before':>13} {'MACs after':>13} {'resp. err k-means':>17} {'resp. err EC':>12}")
+    for r in report:
+        before = f"{r['response_error_kmeans']:.4f}" if "response_error_kmeans" in r else "-"
+        after = f"{r['response_error']:.4f}" if "response_error" in r else "-"
+        print(f"{r['name'][:20]:<20} {r['subdim']:>6} {r['num_codewords']:>4} {_fmt_bytes(r['bytes_before']):>12} "
+              f"{_fmt_bytes(r['bytes_after']):>12} {r['compression']:>5.1f}x {r['macs_before']:>13,} "
+              f"{r['macs_after']:>13,} {before:>17} {after:>12}")
 
 
 def _totals(rows):
@@ -184,15 +242,6 @@ def cmd_info(args):
 
 # ------------------------------------------------------------------ classify
 
-def _probabilities(net, scores, output):
-    producer = [layer for layer in net.layers if output in layer.tops][-1:]
-    scores = scores.reshape(len(scores), -1).astype(np.float64)
-    if producer and producer[0].type == "Softmax":
-        return scores
-    e = np.exp(scores - scores.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def cmd_classify(args):
     model_path = args.model or resources.DEFAULT_MODEL
     images = args.images or [str(resources.SAMPLE_IMAGE)]
@@ -213,9 +262,10 @@ def cmd_classify(args):
     for start in range(0, len(images), args.batch_size):
         paths = images[start:start + args.batch_size]
         batch = image.load_images(paths, input_shape, preprocess)
-        probs = _probabilities(net, net.forward(batch, [output])[output], output)
-        if not np.isfinite(probs).all():
-            raise QcnnError(f"{model_path}: the model produced NaN or infinite outputs")
+        try:
+            probs = probabilities(net, net.forward(batch, [output])[output], output)
+        except QcnnError as e:
+            raise QcnnError(f"{model_path}: {e}") from None
         if labels is not None and len(labels) != probs.shape[1]:
             raise QcnnError(f"{args.labels or model_path}: {len(labels)} labels for "
                             f"{probs.shape[1]} classes")
@@ -235,7 +285,77 @@ def cmd_classify(args):
     return 0
 
 
+# ------------------------------------------------------------------ evaluate
+
+def _dataset_for(net, path, indices=None):
+    from qcnn.io.dataset import open_dataset
+
+    if len(net.inputs) != 1:
+        raise QcnnError(f"network '{net.name}' has inputs {list(net.inputs)}; one input is needed here")
+    input_shape = next(iter(net.inputs.values()))[1:]
+    data = open_dataset(path, input_shape, net.metadata.get("preprocess"), net.metadata.get("labels"))
+    return data if indices is None else data.subset(indices)
+
+
+def _predict(net, path, data, args):
+    try:
+        return predict(net, (x for x, _ in data.batches(args.batch_size)), args.output_blob)
+    except QcnnError as e:
+        raise QcnnError(f"{path}: {e}") from None
+
+
+def cmd_evaluate(args):
+    if args.batch_size < 1:
+        raise QcnnError("--batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise QcnnError("--limit must be at least 1")
+    net = open_model(args.model)
+    data = _dataset_for(net, args.data)
+    indices = None
+    if args.limit is not None:
+        indices = np.sort(np.random.default_rng(args.seed).permutation(len(data))[:args.limit])
+        data = data.subset(indices)
+    if data.labels is None and args.reference is None:
+        raise QcnnError(f"{args.data}: no labels in the data; give --reference MODEL to measure agreement")
+    models = [(args.model, net)] + ([(args.reference, open_model(args.reference))] if args.reference else [])
+    results = {"model": str(args.model), "data": str(args.data), "samples": len(data)}
+    probs = []
+    for path, model in models:
+        if args.kernel:
+            set_kernel(model.layers, args.kernel)
+        model_data = data if model is net else _dataset_for(model, args.data, indices)
+        probs.append(_predict(model, path, model_data, args))
+        if data.labels is not None:
+            prefix = "" if model is net else "reference_"
+            results.update({prefix + k: v for k, v in accuracy(probs[-1], data.labels).items()})
+    if args.reference:
+        results["reference"] = str(args.reference)
+        try:
+            results.update(agreement(probs[1], probs[0]))
+        except QcnnError as e:
+            raise QcnnError(f"{args.reference}: {e}") from None
+    if args.json:
+        json.dump(results, sys.stdout, indent=1)
+        print()
+    else:
+        print(f"{args.model} on {args.data}: {len(data)} samples")
+        for key, value in results.items():
+            if isinstance(value, float):
+                shown = f"{value:.4f}" if "kl" in key or "change" in key else f"{value:.2%}"
+                print(f"  {key.replace('_', ' '):<28} {shown}")
+    return 0
+
+
 # ------------------------------------------------------------------ main
+
+def _add_run_options(p, batch_size):
+    """Options of the commands that run a model on inputs."""
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--output-blob", help="blob holding class scores (default: the first output)")
+    p.add_argument("--kernel", choices=["auto", "lut", "dense"],
+                   help="force how quantized layers run (default: as stored in the model)")
+    p.add_argument("--json", action="store_true")
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="qcnn", description="Quantized CNNs in NumPy: "
@@ -261,8 +381,18 @@ def build_parser():
     p = sub.add_parser("quantize", help="product-quantize the conv and FC layers of a model")
     p.add_argument("model", help=".qcnn model (or Caffe prototxt)")
     p.add_argument("-o", "--output", required=True, help="output .qcnn file (written atomically)")
+    p.add_argument("--calib", metavar="DATA",
+                   help="unlabeled calibration inputs for error correction: a folder of images "
+                        "(any size) or a .npy/.npz array")
+    p.add_argument("--calib-size", type=int, default=256,
+                   help="images drawn (seeded) from --calib (default 256)")
+    p.add_argument("--samples", type=int, default=8192,
+                   help="sampled output positions (conv) or inputs (FC) per layer (default 8192)")
+    p.add_argument("--ec-iter", type=int, default=20, help="error-correction iterations at most (default 20)")
     p.add_argument("--no-ec", action="store_true",
-                   help="k-means on the weights only, no error correction (needs no data)")
+                   help="k-means on the weights only, no error correction (needs no data; with "
+                        "--calib the response error is still measured)")
+    p.add_argument("--report", help="also write the report as JSON to this file")
     p.add_argument("--conv-subdim", type=int, default=8, help="C'_s of conv layers (default 8)")
     p.add_argument("--conv-k", type=int, default=128, help="codewords per conv subspace (default 128)")
     p.add_argument("--fc-subdim", type=int, default=4, help="C'_s of inner products (default 4)")
@@ -293,12 +423,19 @@ def build_parser():
     p.add_argument("--model", help="model file (default: the bundled model)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--labels", help="class names, one per line (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--output-blob", help="blob holding class scores (default: the first output)")
-    p.add_argument("--kernel", choices=["auto", "lut", "dense"],
-                   help="force how quantized layers run (default: as stored in the model)")
-    p.add_argument("--json", action="store_true")
+    _add_run_options(p, batch_size=16)
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("evaluate", help="accuracy on labelled data, agreement with a reference model")
+    p.add_argument("model", help="model file")
+    p.add_argument("data", help="a folder of images (class sub-folders give labels) or a .npy/.npz array "
+                   "(labels under 'labels')")
+    p.add_argument("--reference", metavar="MODEL",
+                   help="compare with this model: top-1/top-5 agreement, mean KL divergence")
+    p.add_argument("--limit", type=int, help="evaluate a seeded random subset of this many samples")
+    p.add_argument("--seed", type=int, default=0)
+    _add_run_options(p, batch_size=32)
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

@@ -6,8 +6,8 @@ K = 32; a convolution with fewer input channels per group than its
 ``subdim`` (the first RGB layer, a depthwise layer) uses one subspace of all
 its channels. Layers too small to gain (codebooks larger than the float
 weights, e.g. a 10-way classifier) stay float. Per-layer overrides and skips
-are allowed. This module does
-plain k-means on the weights (no calibration data).
+are allowed. Layers are quantized by k-means on their weights and, given
+unlabeled calibration inputs, error-corrected in network order.
 """
 
 import time
@@ -16,7 +16,7 @@ import numpy as np
 
 from qcnn.errors import QcnnError
 from qcnn.graph import Net
-from qcnn.layers.conv import Convolution
+from qcnn.layers.conv import Convolution, patches
 from qcnn.layers.dense import InnerProduct
 from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct
 from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage_bytes
@@ -57,8 +57,16 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
 
 
 def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook=True, seed=0,
-                 kernel="auto", progress=None, **kmeans_options):
-    """Product-quantize the conv and inner-product layers of ``net`` (k-means on the weights).
+                 kernel="auto", calibration=None, error_correction=True, max_samples=8192,
+                 max_patch_values=2 ** 26, ec_options=None, progress=None, **kmeans_options):
+    """Product-quantize the conv and inner-product layers of ``net``, in order.
+
+    Each layer starts from k-means on its weights. With ``calibration`` data
+    and ``error_correction``, its codebooks and codes are then fitted to the
+    layer's response (Q-CNN's error correction): the layer's input ``S`` comes
+    from the network quantized so far, its target ``T`` from the original
+    float network, so errors of earlier layers are corrected rather than
+    accumulated.
 
     Parameters
     ----------
@@ -69,11 +77,29 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     shared_codebook : bool
         One codebook per subspace for all groups of a grouped convolution.
     seed : int
-        k-means seed (layer i uses ``seed + i``).
+        Seed of k-means and of the sampled positions (layer i uses ``seed + i``).
     kernel : {"auto", "lut", "dense"}
         Stored in the quantized layers: how they run.
+    calibration : ndarray (N, C, H, W) or dict of str -> ndarray, optional
+        Unlabeled network inputs, preprocessed.
+    error_correction : bool
+        Fit to the responses on ``calibration`` (without it the data only
+        measures the response error).
+    max_samples : int
+        Rows of the least-squares problem per layer: sampled output positions
+        (conv) or inputs (inner product).
+    max_patch_values : int
+        Fewer rows when ``rows * C_in * kh * kw`` would exceed this, which bounds
+        a layer's sampled inputs to ``4 * max_patch_values`` bytes (256 MiB).
+    ec_options : dict, optional
+        Passed to :func:`qcnn.quantization.ec.error_correct` (``max_iter``, ``tol``).
     progress : callable, optional
-        Called with each finished report row.
+        ``progress(event, info)``: ``"layer"`` when a layer starts (``name``,
+        ``position``, ``count``), ``"iteration"`` after each error-correction
+        iteration (``name``, ``iteration``, ``max_iter``, ``objective``) and
+        ``"done"`` with the layer's report row.
+    **kmeans_options
+        Passed to :func:`qcnn.quantization.kmeans.kmeans`.
 
     Returns
     -------
@@ -82,40 +108,35 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         Per quantized layer: ``name``, ``type``, ``subdim``, ``num_codewords``,
         ``subspaces``, ``bytes_before``, ``bytes_after``, ``compression``,
         ``macs_before``, ``macs_after``, ``weight_error`` (relative Frobenius
-        error of the decoded weights) and ``seconds``.
+        error of the decoded weights), ``samples`` and, with calibration data,
+        ``response_error_kmeans`` / ``response_error`` (relative response error
+        ``||T - W_q S|| / ||T||`` on the sampled rows before and after error
+        correction), ``iterations`` and ``seconds``.
     """
     overrides = dict(overrides or {})
     unknown = set(overrides) - {layer.name for layer in net.layers}
     if unknown:
         raise QcnnError(f"no layer named {', '.join(sorted(unknown))} in network '{net.name}'")
+    plan = [layer_settings(layer, conv, fc, overrides, shared_codebook) for layer in net.layers]
+    count = sum(s is not None for s in plan)
     layers, report = [], []
-    for index, layer in enumerate(net.layers):
-        settings = layer_settings(layer, conv, fc, overrides, shared_codebook)
+    for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
         if settings is None:
             layers.append(layer)
             continue
+        if progress is not None:
+            progress("layer", {"name": layer.name, "position": len(report) + 1, "count": count})
         start = time.perf_counter()
-        subdim, k = settings
-        weight = layer.blobs[0]
-        group = getattr(layer, "group", 1)
-        codebooks, codes = quantize_weight(weight, group, subdim, k, shared_codebook, seed + index,
-                                           **kmeans_options)
-        params = {**layer.params, "subdim": subdim, "num_codewords": k,
-                  "shared_codebook": shared_codebook, "kernel": kernel}
-        new = _QUANTIZED[type(layer)](layer.name, layer.bottoms, layer.tops,
-                                      [codebooks, codes] + layer.blobs[1:], **params)
+        new, row = _quantize_layer(layer, settings, shared_codebook, kernel, seed + index, kmeans_options)
+        if calibration is not None:
+            rng = np.random.default_rng(seed + index)
+            inputs, targets = _samples(new, q_in[0], f_out[0], rng, max_samples, max_patch_values)
+            row.update(_correct(new, inputs, targets, error_correction, ec_options, progress))
+        row["seconds"] = time.perf_counter() - start
         layers.append(new)
-        shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
-        channels = weight.shape[1]
-        decoded = decode(codebooks, codes, channels).reshape(weight.shape)
-        row = {"name": layer.name, "type": layer.type, "subdim": subdim, "num_codewords": k,
-               "subspaces": num_subspaces(channels, subdim),
-               "bytes_before": layer.storage_bytes(), "macs_before": int(layer.macs(shapes)),
-               "weight_error": float(np.linalg.norm(decoded - weight) / max(np.linalg.norm(weight), 1e-30)),
-               "seconds": time.perf_counter() - start}
         report.append(row)
         if progress is not None:
-            progress(row)
+            progress("done", row)
     quantized = Net(net.inputs, layers, net.name, net.metadata)
     for row in report:
         layer = quantized.layer(row["name"])
@@ -123,3 +144,141 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         row.update(bytes_after=layer.storage_bytes(), macs_after=int(layer.macs(shapes)),
                    compression=row["bytes_before"] / max(layer.storage_bytes(), 1))
     return quantized, report
+
+
+def _walk(net, plan, calibration, done):
+    """Yield ``(layer, settings, float_inputs, quantized_inputs, float_outputs)`` in order.
+
+    With calibration data, two copies of the activations advance together:
+    the float network's and the quantized network's, whose layers so far are
+    ``done`` (the caller appends each layer, quantized or not, before the
+    next step). Blobs are freed after their last reader. Without data the
+    arrays are None.
+    """
+    if calibration is None:
+        for layer, settings in zip(net.layers, plan):
+            yield layer, settings, None, None, None
+        return
+    float_blobs = net._feeds(calibration)
+    quant_blobs = dict(float_blobs)
+    last_read = {}
+    for i, layer in enumerate(net.layers):
+        for b in layer.bottoms:
+            last_read[b] = i
+    for i, (layer, settings) in enumerate(zip(net.layers, plan)):
+        f_in = [float_blobs[b] for b in layer.bottoms]
+        q_in = [quant_blobs[b] for b in layer.bottoms]
+        f_out = _forward_in_chunks(layer, f_in)
+        yield layer, settings, f_in, q_in, f_out
+        same = all(q is f for q, f in zip(q_in, f_in))  # nothing quantized upstream yet
+        q_out = f_out if same and done[-1] is layer else _forward_in_chunks(done[-1], q_in)
+        for t, f, q in zip(layer.tops, f_out, q_out):
+            float_blobs[t], quant_blobs[t] = f, q
+        for b in set(layer.bottoms) | set(layer.tops):
+            if last_read.get(b, -1) <= i:
+                float_blobs.pop(b, None)
+                quant_blobs.pop(b, None)
+
+
+def _forward_in_chunks(layer, inputs, chunk=32):
+    """``layer.forward`` over the batch in chunks, so im2col buffers stay small."""
+    n = len(inputs[0]) if inputs else 0
+    if n <= chunk or not isinstance(layer, (Convolution, InnerProduct)):
+        return layer.forward(inputs)
+    parts = [layer.forward([x[i:i + chunk] for x in inputs]) for i in range(0, n, chunk)]
+    return [np.concatenate(outs) for outs in zip(*parts)]
+
+
+def _quantize_layer(layer, settings, shared_codebook, kernel, seed, kmeans_options):
+    """k-means product quantization of one layer: the new layer and its report row."""
+    subdim, k = settings
+    weight = layer.blobs[0]
+    params = {**layer.params, "subdim": subdim, "num_codewords": k,
+              "shared_codebook": shared_codebook, "kernel": kernel}
+    if isinstance(layer, InnerProduct) and layer.transpose:
+        weight, params["transpose"] = weight.T, False
+    group = getattr(layer, "group", 1)
+    codebooks, codes = quantize_weight(weight, group, subdim, k, shared_codebook, seed, **kmeans_options)
+    new = _QUANTIZED[type(layer)](layer.name, layer.bottoms, layer.tops,
+                                  [codebooks, codes] + layer.blobs[1:], **params)
+    new.input_shapes, new.output_shapes_ = layer.input_shapes, layer.output_shapes_
+    shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
+    channels = weight.shape[1]
+    row = {"name": layer.name, "type": layer.type, "subdim": subdim, "num_codewords": k,
+           "subspaces": num_subspaces(channels, subdim),
+           "bytes_before": layer.storage_bytes(), "macs_before": int(layer.macs(shapes)),
+           "weight_error": _relative(decode(codebooks, codes, channels).reshape(weight.shape) - weight, weight)}
+    return new, row
+
+
+def _relative(error, reference):
+    return float(np.linalg.norm(error) / max(float(np.linalg.norm(reference)), 1e-30))
+
+
+def _samples(layer, x, target, rng, max_samples, max_patch_values):
+    """Sampled rows of a layer's least-squares problem.
+
+    Parameters
+    ----------
+    layer : QuantizedConvolution or QuantizedInnerProduct
+    x : ndarray float32
+        The layer's input from the quantized network, (N, C, H, W) or (N, ...).
+    target : ndarray float32
+        The float layer's output for the float network's input.
+
+    Returns
+    -------
+    inputs : float32 (G, S, P, C_s)
+        S sampled rows; P = kh * kw kernel positions; C_s input channels per group.
+    targets : float32 (S, C_t)
+        The float response without bias.
+    """
+    if isinstance(layer, Convolution):
+        group, (kh, kw) = layer.group, layer.kernel
+        n, c, ho, wo = target.shape
+        rows = _choose_rows(n * ho * wo, c_in_values=x.shape[1] * kh * kw, rng=rng,
+                            max_samples=max_samples, max_patch_values=max_patch_values)
+        ni, yi, xi = np.unravel_index(rows, (n, ho, wo))
+        view = patches(x, layer.kernel, layer.stride, layer.pad, layer.dilation, (ho, wo))
+        cols = view[ni, :, :, :, yi, xi]  # (S, C, kh, kw)
+        s = len(rows)
+        inputs = cols.reshape(s, group, -1, kh * kw).transpose(1, 0, 3, 2)
+        targets = target[ni, :, yi, xi]
+    else:
+        _, k = layer._split(x.shape)
+        x2, t2 = x.reshape(-1, k), target.reshape(-1, layer.num_output)
+        rows = _choose_rows(len(x2), k, rng, max_samples, max_patch_values)
+        inputs, targets = x2[rows][None, :, None, :], t2[rows]
+    if layer.bias_term:
+        targets = targets - layer.blobs[2]
+    return np.ascontiguousarray(inputs, np.float32), np.ascontiguousarray(targets, np.float32)
+
+
+def _choose_rows(total, c_in_values, rng, max_samples, max_patch_values):
+    count = max(1, min(total, max_samples, max_patch_values // max(c_in_values, 1)))
+    return np.sort(rng.choice(total, count, replace=False)) if count < total else np.arange(total)
+
+
+def _correct(layer, inputs, targets, error_correction, ec_options, progress):
+    """Error-correct ``layer``'s codebooks and codes in place; report entries."""
+    from qcnn.quantization.ec import error_correct, objective  # Numba: only when calibrating
+
+    group = getattr(layer, "group", 1)
+    codebooks, codes = layer.blobs[0], layer.blobs[1]
+    scale = max(float(np.square(targets, dtype=np.float64).sum()), 1e-30)
+    before = objective(inputs, targets, codebooks, codes, group)
+    row = {"samples": int(targets.shape[0]), "response_error_kmeans": float(np.sqrt(before / scale))}
+    if not error_correction:
+        return {**row, "response_error": row["response_error_kmeans"], "iterations": 0}
+    options = dict(ec_options or {})
+
+    def report(iteration, value):
+        if progress is not None:
+            progress("iteration", {"name": layer.name, "iteration": iteration,
+                                   "max_iter": options.get("max_iter"), "objective": value})
+
+    result = error_correct(inputs, targets, codebooks, codes, group, progress=report, **options)
+    layer.blobs[0], layer.blobs[1] = result.codebooks, result.codes
+    layer.check_blobs(layer.input_shapes)
+    after = objective(inputs, targets, result.codebooks, result.codes, group)
+    return {**row, "response_error": float(np.sqrt(after / scale)), "iterations": result.iterations}

@@ -100,6 +100,7 @@ for parallel in (False, True):
     suffix = "parallel" if parallel else "serial"
     first_call("frame_conv_" + suffix, *conv, parallel)
     first_call("fc_tables_" + suffix, *fc, parallel)
+    first_call("fc_pairs8_" + suffix, np.repeat(fc[0], lut.FC_PAIRS8_MIN_BATCH, axis=0), *fc[1:], parallel)
 print(json.dumps({"import_s": t_import, "first_calls_s": calls,
                   "total_s": time.perf_counter() - t0}))
 """

@@ -8,9 +8,10 @@ an output is bounded by ``(subdim + M*kh*kw) * 2**-24`` times ``sum |w| |x|`` ov
 (the standard n*u bound, times a safety factor of 4); that sum comes from the same dense
 convolution run on absolute values.
 
-Both kernels are covered (the frame kernel for convolutions and batched inner products, the pair
-kernel for inner products of one or two samples, in its pair (K <= 32) and single (K > 32)
-modes), serial and parallel, over shapes, subdim (C_s divisible by it or not), K (1..256),
+All kernels are covered (the frame kernel for convolutions and batched inner products with
+K > 32, the scalar pair kernel for inner products of one sample -- pair (K <= 32) and single
+(K > 32) modes, the latter for up to FC_GATHER_MAX_BATCH samples -- and the 8-sample pair kernel
+for batches with K <= 32, including partial chunks of 8), serial and parallel, over shapes, subdim (C_s divisible by it or not), K (1..256),
 stride, padding, dilation, groups (shared and per-group codebooks) and batch.
 """
 
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 from qcnn.kernels import lut
 from qcnn.layers.conv import conv_output_size, convolve, pad_for_windows
 from qcnn.quantization.pq import decode
+
+pytestmark = pytest.mark.arm  # also run on aarch64 (.ci/arm64)
 
 EPS32 = 2.0 ** -24
 
@@ -84,8 +87,9 @@ def test_conv_matches_dense(case):
 
 @st.composite
 def inner_product_cases(draw):
-    gather = lut.FC_GATHER_MAX_BATCH  # the largest batch of the pair kernel
-    return dict(n=draw(st.sampled_from([1, 2, gather, gather + 1, 9])), channels=draw(st.integers(1, 80)),
+    gather = lut.FC_GATHER_MAX_BATCH  # the largest batch of the scalar kernel for K > 32
+    pairs8 = lut.FC_PAIRS8_MIN_BATCH  # the smallest batch of the 8-sample kernel for K <= 32
+    return dict(n=draw(st.sampled_from(sorted({1, 2, pairs8 - 1, pairs8, gather, gather + 1, 9}))), channels=draw(st.integers(1, 80)),
                 c_out=draw(st.integers(1, 40)), subdim=draw(st.integers(1, 5)),
                 k=draw(st.sampled_from([1, 2, 5, 16, 31, 32, 33, 64, 256])),
                 seed=draw(st.integers(0, 2**32 - 1)))
@@ -94,7 +98,7 @@ def inner_product_cases(draw):
 @settings(max_examples=60, deadline=None)
 @given(case=inner_product_cases())
 def test_inner_product_matches_dense(case):
-    """The 1x1 case (N, C_s, 1, 1), kernel 1x1, group 1: the pair kernel for small batches, frames above."""
+    """The 1x1 case (N, C_s, 1, 1), kernel 1x1, group 1: every inner-product path by K and batch."""
     rng = np.random.default_rng(case["seed"])
     x, books, codes = make_case(rng, case["n"], 1, case["channels"], case["c_out"], (1, 1),
                                 case["subdim"], case["k"], False, (1, 1))
@@ -106,7 +110,7 @@ def test_prepared_codes_are_reused_across_batches_and_kernels():
     rng = np.random.default_rng(0)
     x, books, codes = make_case(rng, 9, 1, 70, 21, (1, 1), 4, 32, False, (1, 1))
     prepared = lut.prepare_codes(codes, 1)
-    for n in (1, lut.FC_GATHER_MAX_BATCH, 9, 1):
+    for n in (1, lut.FC_PAIRS8_MIN_BATCH, lut.FC_GATHER_MAX_BATCH, 9, 1):
         check_lut(x[:n], books, codes, 1, (1, 1), (0, 0), (1, 1), prepared)
 
 
@@ -127,12 +131,13 @@ def test_conv_shapes(shape):
 
 def test_inner_product_large_and_padded():
     """fc-like sizes: odd M (a padding subspace in the last pair), C_t not a multiple of 8,
-    several pair-table blocks; pair (K=32) and single (K=64) modes; batch 1 and 16."""
+    several pair-table blocks; pair (K=32) and single (K=64) modes; batch 1, 11 (a partial chunk
+    of 8 samples) and 16."""
     rng = np.random.default_rng(2)
     for k in (32, 64):
         x, books, codes = make_case(rng, 16, 1, 4 * 37 * 4 + 2, 37, (1, 1), 4, k, False, (1, 1))
         prepared = lut.prepare_codes(codes, 1)
-        for n in (1, 16):
+        for n in (1, 11, 16):
             check_lut(x[:n], books, codes, 1, (1, 1), (0, 0), (1, 1), prepared)
 
 

@@ -37,20 +37,32 @@ adds, no gathers, eight lookups per instruction. The frame has ``Wq - Wo`` junk 
   are only split, at the cost of building the same tables twice, when there are fewer
   (samples x groups) than threads.
 
-Inner products of a few samples: the pair kernel (:func:`_fc_tables`)
----------------------------------------------------------------------
+Inner products of one sample: the pair kernel (:func:`_fc_tables`)
+------------------------------------------------------------------
 With one sample there is no run of positions to vectorise over. Vector gathers (AVX2
 ``vgatherdps``) are slower than scalar loads on the AMD EPYC (Zen 3) this was measured on
-(0.76 vs ~0.4 ns per lookup) and LLVM does not emit them for it, so the kernel is scalar and
-cuts the number of lookups instead: two subspaces m, m+1 with K <= 32 codewords are merged into
-one table of K*K' entries (``LUT2[c1*K' + c2] = LUT[m, c1] + LUT[m+1, c2]``, K' = K rounded up
-to LANES; built on the fly, 4 KiB for K = 32) addressed by one 16-bit code, halving the lookups
-(the code bytes stay the same). Codes are stored so that a block of :data:`PAIR_BLOCK` pair
-tables (L1-resident) serves a stream of 8-output groups; eight 16-bit codes are read as four
-32-bit words; the eight partial sums are scalar registers; index arithmetic is unsigned, so
-Numba emits no negative-index checks. A lookup then costs about three instructions (~1.2 cycles
-measured). For K > 32 the same kernel runs on single tables with 8-bit codes. Batches up to
-:data:`FC_GATHER_MAX_BATCH` run it once per sample; larger ones use the frame kernel.
+(0.45 vs 0.3-0.37 ns per lookup with the tables in L1) and LLVM does not emit them for it, so
+the kernel is scalar and cuts the number of lookups instead: two subspaces m, m+1 with
+K <= PAIR_WIDTH = 32 codewords are merged into one table of 32*32 entries
+(``LUT2[c1*32 + c2] = LUT[m, c1] + LUT[m+1, c2]``, built on the fly, 4 KiB) addressed by one
+16-bit code, halving the lookups (the code bytes stay the same). Codes are stored so that a
+block of :data:`PAIR_BLOCK` pair tables (16 KiB, L1-resident) serves a stream of 8-output groups
+(:func:`_pair_block`): eight 16-bit codes are read as four 32-bit words, the eight partial sums
+are scalar registers, the table offsets are constants from one base register, index arithmetic
+is unsigned (no negative-index checks), and the code stream is software-prefetched 2 KiB ahead
+(it comes from DRAM: the dense layers before it flush the caches). A lookup then costs about
+three instructions, ~1 cycle (larger blocks -- 8 tables, or tables kept in L2 while the outputs
+are streamed in chunks -- measured slower: the tables, the 16 KiB output vector and the code
+stream then contend for the 32 KiB L1). For K > 32 the same loop runs on single tables with
+8-bit codes (:func:`_single_block`).
+
+Inner products of batches: 8-sample pair tables (:func:`_fc_pairs8`)
+--------------------------------------------------------------------
+For K <= 32 and :data:`FC_PAIRS8_MIN_BATCH` or more samples, samples go in chunks of 8 and every
+pair-table entry is the vector of the 8 samples' values (``32*32*8`` floats, 32 KiB per pair
+table, a block of 4 in L2): one vector load-add per pair lookup serves 8 samples, and the codes
+are read and decoded once per chunk (same code layout as the one-sample kernel). K > 32: the
+scalar kernel per sample up to :data:`FC_GATHER_MAX_BATCH` samples, the frame kernel above.
 
 Everything is compiled with ``cache=True`` in a serial and a parallel copy
 (:func:`qcnn.kernels.jit.serial_and_parallel`); ``parallel`` selects the copy.
@@ -71,8 +83,12 @@ TABLE_BUDGET = 256 * 1024  # bytes of tables built per block (kept in L2 while a
 FRAME_SAMPLE_POSITIONS = 64  # samples with fewer positions than this share a frame
 MIN_TABLE_ROW = 32  # table blocks are sized for rows of at least this many positions (batches)
 PAIR_BLOCK = 4  # pair tables per block in the one-sample inner-product kernel (4 x 4 KiB for K=32)
-PAIR_MAX_WORDS = 32  # pair subspaces when K <= this (K*K-entry tables)
-FC_GATHER_MAX_BATCH = 4  # inner products with at most this many samples use the pair kernel
+PAIR_WIDTH = 32  # pair subspaces when K <= this; pair tables have PAIR_WIDTH**2 entries
+PAIR_SIZE = PAIR_WIDTH * PAIR_WIDTH
+FC_PREFETCH = 512  # the inner-product kernel prefetches its code stream this many 32-bit words ahead
+FC_GATHER_MAX_BATCH = 4  # K > PAIR_WIDTH: inner products of at most this many samples use the
+# scalar single-table kernel (per sample), larger batches the frame kernel
+FC_PAIRS8_MIN_BATCH = 3  # K <= PAIR_WIDTH: from this batch on, pair tables of 8-sample vectors
 
 _JIT = {"fastmath": True, "error_model": "numpy"}
 
@@ -360,6 +376,26 @@ def _subspace_table(books, x, m, out):
 _U8, _U16 = np.uint32(0xFF), np.uint32(0xFFFF)
 
 
+@intrinsic
+def _prefetch(typingctx, arr, index):
+    """Prefetch the cache line of ``arr[index]`` (``llvm.prefetch``: read, keep in all levels;
+    unchecked, a hint only)."""
+    if not (isinstance(arr, types.Array) and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        array = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        byte_ptr = ir.IntType(8).as_pointer()
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3),
+            "llvm.prefetch.p0i8")
+        i32 = ir.IntType(32)
+        builder.call(fn, [builder.bitcast(builder.gep(array.data, [i]), byte_ptr), i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(arr, index), codegen
+
+
 @numba.njit(cache=True, nogil=True, **_JIT)
 def _add_pairs(table, base, w0, w1, w2, w3, s0, s1, s2, s3, s4, s5, s6, s7):
     """Add the entries ``table[base + code]`` of eight 16-bit codes packed in four 32-bit words."""
@@ -388,16 +424,75 @@ def _add_singles(table, base, w0, w1, s0, s1, s2, s3, s4, s5, s6, s7):
     return s0, s1, s2, s3, s4, s5, s6, s7
 
 
+@numba.njit(cache=True, nogil=True, inline="always", **_JIT)
+def _load8(acc, o):
+    """The 8 running sums of one output group, as scalars (kept in registers)."""
+    u1 = np.uint64(1)
+    return (acc[o], acc[o + u1], acc[o + np.uint64(2)], acc[o + np.uint64(3)], acc[o + np.uint64(4)],
+            acc[o + np.uint64(5)], acc[o + np.uint64(6)], acc[o + np.uint64(7)])
+
+
+@numba.njit(cache=True, nogil=True, inline="always", **_JIT)
+def _store8(acc, o, s0, s1, s2, s3, s4, s5, s6, s7):
+    u1 = np.uint64(1)
+    acc[o], acc[o + u1], acc[o + np.uint64(2)], acc[o + np.uint64(3)] = s0, s1, s2, s3
+    acc[o + np.uint64(4)], acc[o + np.uint64(5)], acc[o + np.uint64(6)], acc[o + np.uint64(7)] = s4, s5, s6, s7
+
+
+@numba.njit(cache=True, nogil=True, **_JIT)
+def _pair_block(tables, codes, w, acc, q0, q1):
+    """One block of PAIR_BLOCK (= 4) pair tables of PAIR_SIZE entries into the sums of output
+    groups ``q0 .. q1-1``, reading their code words from ``w`` on (16 per group). The table
+    offsets are constants (one base register, no spills); the code stream is prefetched
+    :data:`FC_PREFETCH` words ahead."""
+    u1 = np.uint64(1)
+    w = np.uint64(w)
+    for q in range(q0, q1):
+        o = np.uint64(q * 8)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _load8(acc, o)
+        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
+            tables, np.uint32(0), codes[w], codes[w + u1], codes[w + np.uint64(2)], codes[w + np.uint64(3)],
+            s0, s1, s2, s3, s4, s5, s6, s7)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
+            tables, np.uint32(PAIR_SIZE), codes[w + np.uint64(4)], codes[w + np.uint64(5)],
+            codes[w + np.uint64(6)], codes[w + np.uint64(7)], s0, s1, s2, s3, s4, s5, s6, s7)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
+            tables, np.uint32(2 * PAIR_SIZE), codes[w + np.uint64(8)], codes[w + np.uint64(9)],
+            codes[w + np.uint64(10)], codes[w + np.uint64(11)], s0, s1, s2, s3, s4, s5, s6, s7)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
+            tables, np.uint32(3 * PAIR_SIZE), codes[w + np.uint64(12)], codes[w + np.uint64(13)],
+            codes[w + np.uint64(14)], codes[w + np.uint64(15)], s0, s1, s2, s3, s4, s5, s6, s7)
+        w += np.uint64(16)
+        _store8(acc, o, s0, s1, s2, s3, s4, s5, s6, s7)
+
+
+@numba.njit(cache=True, nogil=True, **_JIT)
+def _single_block(tables, size, codes, w, acc, q0, q1):
+    """:func:`_pair_block` for single tables of ``size`` entries and 8-bit codes (8 words per group)."""
+    u1 = np.uint64(1)
+    w = np.uint64(w)
+    for q in range(q0, q1):
+        o = np.uint64(q * 8)
+        s0, s1, s2, s3, s4, s5, s6, s7 = _load8(acc, o)
+        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        for i in range(PAIR_BLOCK):
+            s0, s1, s2, s3, s4, s5, s6, s7 = _add_singles(
+                tables, np.uint32(i * size), codes[w], codes[w + u1], s0, s1, s2, s3, s4, s5, s6, s7)
+            w += np.uint64(2)
+        _store8(acc, o, s0, s1, s2, s3, s4, s5, s6, s7)
+
+
 def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
     """``out[n, t] = sum over table rows r of table_r[code[t, r]]`` for one-position samples.
 
     x : float32 (N, rows*subdim), zero-padded (rows = subspaces incl. padding);
     books : float32 (1, M, K, subdim);
     codes : uint32, flat: per (block of PAIR_BLOCK tables, group of 8 outputs, table) the eight
-        codes of the group, as four words of two 16-bit pair codes ``c1*width + c2``
-        (``pairs``) or two words of four 8-bit codes;
-    width : table row width: ``width*width`` entries per pair table (``width`` = K rounded up
-        to LANES), else ``width`` >= K;
+        codes of the group, as four words of two 16-bit pair codes ``c1*PAIR_WIDTH + c2``
+        (``pairs``: K <= PAIR_WIDTH) or two words of four 8-bit codes;
+    width : single-table row width (``width`` >= K; unused for pairs, whose tables always have
+        PAIR_SIZE = PAIR_WIDTH**2 entries, so that the kernel's table offsets are constants);
     out : float32 (N, C8), C8 = C_t rounded up to 8.
 
     Index arithmetic is unsigned so that Numba emits no negative-index wraparound.
@@ -407,7 +502,7 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
     words_per_group = 4 if pairs else 2
     n_blocks = codes.shape[0] // (n_groups8 * PAIR_BLOCK * words_per_group)
     n_words = books.shape[2]
-    size = width * width if pairs else width
+    size = PAIR_SIZE if pairs else width
     g_size = (n_groups8 + t_chunks - 1) // t_chunks
     for job in prange(n_batch * t_chunks):
         n = job // t_chunks
@@ -416,8 +511,8 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
         xn = x[n]
         acc = out[n]
         tables = np.zeros(PAIR_BLOCK * size + SLACK, np.float32)
-        first = np.zeros(width, np.float32)
-        second = np.zeros(width, np.float32)
+        first = np.zeros(PAIR_WIDTH, np.float32)
+        second = np.zeros(PAIR_WIDTH, np.float32)
         acc[q0 * 8:q1 * 8] = 0.0
         for rb in range(n_blocks):
             for i in range(PAIR_BLOCK):
@@ -427,34 +522,118 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
                     _subspace_table(books, xn, m + 1, second)
                     for a in range(n_words):
                         splat = _vsplat(first[a])
-                        row = i * size + a * width
-                        for b in range(0, width, LANES):
+                        row = i * PAIR_SIZE + a * PAIR_WIDTH
+                        for b in range(0, PAIR_WIDTH, LANES):
                             _vstore(tables, row + b, _vadd(splat, _vload(second, b)))
                 else:
                     _subspace_table(books, xn, rb * PAIR_BLOCK + i, tables[i * size:(i + 1) * size])
-            w = np.uint64((rb * n_groups8 + q0) * PAIR_BLOCK * words_per_group)
-            for q in range(q0, q1):
-                o = np.uint64(q * 8)
-                s0, s1, s2, s3 = acc[o], acc[o + np.uint64(1)], acc[o + np.uint64(2)], acc[o + np.uint64(3)]
-                s4, s5, s6, s7 = acc[o + np.uint64(4)], acc[o + np.uint64(5)], acc[o + np.uint64(6)], \
-                    acc[o + np.uint64(7)]
-                for i in range(PAIR_BLOCK):
-                    base = np.uint64(i * size)
-                    if pairs:
-                        s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
-                            tables, base, codes[w], codes[w + np.uint64(1)], codes[w + np.uint64(2)],
-                            codes[w + np.uint64(3)], s0, s1, s2, s3, s4, s5, s6, s7)
-                        w += np.uint64(4)
-                    else:
-                        s0, s1, s2, s3, s4, s5, s6, s7 = _add_singles(
-                            tables, base, codes[w], codes[w + np.uint64(1)], s0, s1, s2, s3, s4, s5, s6, s7)
-                        w += np.uint64(2)
-                acc[o], acc[o + np.uint64(1)], acc[o + np.uint64(2)], acc[o + np.uint64(3)] = s0, s1, s2, s3
-                acc[o + np.uint64(4)], acc[o + np.uint64(5)], acc[o + np.uint64(6)], acc[o + np.uint64(7)] = \
-                    s4, s5, s6, s7
+            w = (rb * n_groups8 + q0) * PAIR_BLOCK * words_per_group
+            if pairs:
+                _pair_block(tables, codes, w, acc, q0, q1)
+            else:
+                _single_block(tables, size, codes, w, acc, q0, q1)
 
 
 fc_tables_serial, fc_tables_parallel = serial_and_parallel(_fc_tables, **_JIT)
+
+
+# --- Inner products of batches: pair tables of 8-sample vectors ----------------------------------
+
+@numba.njit(cache=True, nogil=True, **_JIT)
+def _subspace_table8(books, xt, m, out):
+    """``out[c*8 + s] = <codeword c of subspace m, sub-vector m of sample s>`` for c < K, s < 8
+    (``xt``: the 8 samples' inputs, sample-minor: ``xt[j*8 + s]``; zero when m is padding)."""
+    n_sub, n_words, subdim = books.shape[1], books.shape[2], books.shape[3]
+    if m >= n_sub:
+        for c in range(n_words):
+            _vstore(out, c * LANES, _vzero())
+        return
+    for c in range(n_words):
+        v = _vzero()
+        for j in range(subdim):
+            v = _vmuladd(v, books[0, m, c, j], _vload(xt, (m * subdim + j) * LANES))
+        _vstore(out, c * LANES, v)
+
+
+@numba.njit(cache=True, nogil=True, **_JIT)
+def _pair_block8(tables, codes, w, acc, q0, q1):
+    """:func:`_pair_block` for 8 samples: table entries and sums are 8-sample vectors
+    (``tables[(i*PAIR_SIZE + code)*8 + s]``, ``acc[(t*8 + s)]``), one vector add per lookup."""
+    u1, mask, shift, lanes = np.uint64(1), np.uint64(0xFFFF), np.uint64(16), np.uint64(LANES)
+    w = np.uint64(w)
+    for q in range(q0, q1):
+        o = np.uint64(q * 8 * LANES)
+        a0, a1 = _vload(acc, o), _vload(acc, o + lanes)
+        a2, a3 = _vload(acc, o + np.uint64(2 * LANES)), _vload(acc, o + np.uint64(3 * LANES))
+        a4, a5 = _vload(acc, o + np.uint64(4 * LANES)), _vload(acc, o + np.uint64(5 * LANES))
+        a6, a7 = _vload(acc, o + np.uint64(6 * LANES)), _vload(acc, o + np.uint64(7 * LANES))
+        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        for i in range(PAIR_BLOCK):
+            base = np.uint64(i * PAIR_SIZE * LANES)
+            c = np.uint64(codes[w])
+            a0 = _vadd(a0, _vload(tables, base + (c & mask) * lanes))
+            a1 = _vadd(a1, _vload(tables, base + (c >> shift) * lanes))
+            c = np.uint64(codes[w + u1])
+            a2 = _vadd(a2, _vload(tables, base + (c & mask) * lanes))
+            a3 = _vadd(a3, _vload(tables, base + (c >> shift) * lanes))
+            c = np.uint64(codes[w + np.uint64(2)])
+            a4 = _vadd(a4, _vload(tables, base + (c & mask) * lanes))
+            a5 = _vadd(a5, _vload(tables, base + (c >> shift) * lanes))
+            c = np.uint64(codes[w + np.uint64(3)])
+            a6 = _vadd(a6, _vload(tables, base + (c & mask) * lanes))
+            a7 = _vadd(a7, _vload(tables, base + (c >> shift) * lanes))
+            w += np.uint64(4)
+        _vstore(acc, o, a0)
+        _vstore(acc, o + lanes, a1)
+        _vstore(acc, o + np.uint64(2 * LANES), a2)
+        _vstore(acc, o + np.uint64(3 * LANES), a3)
+        _vstore(acc, o + np.uint64(4 * LANES), a4)
+        _vstore(acc, o + np.uint64(5 * LANES), a5)
+        _vstore(acc, o + np.uint64(6 * LANES), a6)
+        _vstore(acc, o + np.uint64(7 * LANES), a7)
+
+
+def _fc_pairs8(xt, books, codes, t_chunks, out):
+    """Inner products of samples in chunks of 8 with the pair codes of :func:`_fc_tables`.
+
+    xt : float32 (chunks, rows*2*subdim*8 + SLACK): each chunk's 8 inputs, sample-minor
+        (zero-padded: missing samples, padding subspaces);
+    books : float32 (1, M, K, subdim), K <= PAIR_WIDTH;
+    codes : the pair code words of :meth:`PreparedCodes.fc`;
+    out : float32 (chunks, C8*8): ``out[chunk, t*8 + s]``.
+
+    A block's PAIR_BLOCK pair tables of 8-sample vectors take 128 KiB (L2); every lookup adds
+    one 8-sample vector, so the codes are read and decoded once per 8 samples.
+    """
+    n_chunks = out.shape[0]
+    n_groups8 = out.shape[1] // (8 * LANES)
+    n_blocks = codes.shape[0] // (n_groups8 * PAIR_BLOCK * 4)
+    n_words = books.shape[2]
+    g_size = (n_groups8 + t_chunks - 1) // t_chunks
+    for job in prange(n_chunks * t_chunks):
+        n = job // t_chunks
+        q0 = (job % t_chunks) * g_size
+        q1 = min(n_groups8, q0 + g_size)
+        xn = xt[n]
+        acc = out[n]
+        tables = np.zeros(PAIR_BLOCK * PAIR_SIZE * LANES + SLACK, np.float32)
+        first = np.zeros(PAIR_WIDTH * LANES, np.float32)
+        second = np.zeros(PAIR_WIDTH * LANES, np.float32)
+        acc[q0 * 8 * LANES:q1 * 8 * LANES] = 0.0
+        for rb in range(n_blocks):
+            for i in range(PAIR_BLOCK):
+                m = 2 * (rb * PAIR_BLOCK + i)
+                _subspace_table8(books, xn, m, first)
+                _subspace_table8(books, xn, m + 1, second)
+                for a in range(n_words):
+                    fa = _vload(first, a * LANES)
+                    row = (i * PAIR_SIZE + a * PAIR_WIDTH) * LANES
+                    for b in range(PAIR_WIDTH):
+                        _vstore(tables, row + b * LANES, _vadd(fa, _vload(second, b * LANES)))
+            _pair_block8(tables, codes, (rb * n_groups8 + q0) * PAIR_BLOCK * 4, acc, q0, q1)
+
+
+fc_pairs8_serial, fc_pairs8_parallel = serial_and_parallel(_fc_pairs8, **_JIT)
 
 
 # --- Code layouts and the public entry points -----------------------------------------------------
@@ -500,8 +679,8 @@ class PreparedCodes:
         if self._fc is None or self._fc[0] != n_words:
             c_out, m = self.codes.shape[0], self.codes.shape[3]
             c8 = -(-c_out // 8) * 8
-            pairs = n_words <= PAIR_MAX_WORDS
-            width = -(-n_words // LANES) * LANES if pairs else n_words
+            pairs = n_words <= PAIR_WIDTH
+            width = PAIR_WIDTH if pairs else n_words
             per_table = 2 if pairs else 1
             rows = -(-m // (per_table * PAIR_BLOCK)) * PAIR_BLOCK  # tables, whole blocks
             codes = np.zeros((c8, rows * per_table), np.uint16)
@@ -559,7 +738,8 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
     ho, wo = out_size
     if n * c_out * ho * wo == 0:
         return np.empty((n, c_out, ho, wo), np.float32)
-    if (hp, wp, kh, kw, group, codebooks.shape[0]) == (1, 1, 1, 1, 1, 1) and n <= FC_GATHER_MAX_BATCH:
+    if (hp, wp, kh, kw, group, codebooks.shape[0]) == (1, 1, 1, 1, 1, 1) and \
+            (n <= FC_GATHER_MAX_BATCH or codebooks.shape[2] <= PAIR_WIDTH):
         return _inner_product(padded.reshape(n, c), codebooks, kernel_codes, parallel) \
             .reshape(n, c_out, 1, 1)
     _, m, k, subdim = codebooks.shape
@@ -599,15 +779,30 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
 
 
 def _inner_product(x, codebooks, kernel_codes, parallel):
-    """One-position samples (N, C) with a 1x1 kernel and group 1 -> (N, C_t)."""
+    """One-position samples (N, C) with a 1x1 kernel and group 1 -> (N, C_t): pair tables of
+    8-sample vectors for K <= PAIR_WIDTH and N >= FC_PAIRS8_MIN_BATCH, else scalar tables
+    per sample."""
     n, c = x.shape
     _, m, k, subdim = codebooks.shape
     c_out = kernel_codes.codes.shape[0]
     pairs, width, rows, words = kernel_codes.fc(k)
+    c8 = -(-c_out // 8) * 8
+    threads = _threads(parallel)
+    if pairs and n >= FC_PAIRS8_MIN_BATCH:
+        chunks = -(-n // LANES)
+        length = rows * 2 * subdim * LANES
+        xt = np.zeros((chunks, length + SLACK), np.float32)
+        padded = np.zeros((chunks * LANES, c), np.float32)
+        padded[:n] = x
+        xt[:, :c * LANES] = padded.reshape(chunks, LANES, c).transpose(0, 2, 1).reshape(chunks, -1)
+        out = np.empty((chunks, c8 * LANES), np.float32)
+        t_chunks = max(1, min(c8 // 8, -(-threads // chunks))) if threads > 1 else 1
+        kernel = fc_pairs8_parallel if parallel else fc_pairs8_serial
+        kernel(xt, codebooks, words, t_chunks, out)
+        return out.reshape(chunks, c8, LANES).transpose(0, 2, 1).reshape(chunks * LANES, c8)[:n, :c_out]
     xs = np.zeros((n, rows * (2 if pairs else 1) * subdim), np.float32)
     xs[:, :c] = x
-    out = np.empty((n, -(-c_out // 8) * 8), np.float32)
-    threads = _threads(parallel)
+    out = np.empty((n, c8), np.float32)
     t_chunks = max(1, min(out.shape[1] // 8, -(-threads // n))) if threads > 1 else 1
     kernel = fc_tables_parallel if parallel else fc_tables_serial
     kernel(xs, codebooks, words, pairs, width, t_chunks, out)

@@ -86,17 +86,21 @@ def cmd_convert(args):
 
 # ------------------------------------------------------------------ quantize
 
+def _settings(text):
+    if text == "float":
+        return None
+    try:
+        subdim, k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SUBDIM,K or float, got {text!r}") from None
+    return subdim, k
+
+
 def _layer_override(text):
     name, _, value = text.partition("=")
     if not name or not value:
         raise argparse.ArgumentTypeError(f"expected NAME=SUBDIM,K or NAME=float, got {text!r}")
-    if value == "float":
-        return name, None
-    try:
-        subdim, k = (int(v) for v in value.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=SUBDIM,K or NAME=float, got {text!r}") from None
-    return name, (subdim, k)
+    return name, _settings(value)
 
 
 class _Progress:
@@ -161,6 +165,7 @@ def cmd_quantize(args):
     quantized, report = quantize_net(
         net, (args.conv_subdim, args.conv_k), (args.fc_subdim, args.fc_k), overrides,
         shared_codebook=not args.per_group_codebooks, seed=args.seed, kernel=args.kernel,
+        depthwise=(args.conv_subdim, args.conv_k) if args.depthwise == "conv" else args.depthwise,
         calibration=calibration, error_correction=not args.no_ec, max_samples=args.samples,
         ec_options={"max_iter": args.ec_iter}, monotone=not args.fast_kmeans,
         progress=_Progress(sys.stderr, not (args.json or args.quiet)))
@@ -346,6 +351,39 @@ def cmd_evaluate(args):
     return 0
 
 
+# ------------------------------------------------------------------ warmup
+
+def cmd_warmup(args):
+    from qcnn.warmup import warmup
+
+    def short(names):
+        return ", ".join(n.removeprefix("qcnn.kernels.") for n in names)
+
+    def progress(row):
+        if not (args.json or args.quiet):
+            done = "; ".join(f"{what} {short(row[what])}" for what in ("compiled", "loaded") if row[what])
+            print(f"  {row['step'] + ', ' + row['variant']:<44} {row['seconds']:7.2f} s  {done}", flush=True)
+
+    if not (args.json or args.quiet):
+        from qcnn.kernels import jit
+
+        print(f"Numba cache: {jit.CACHE_DIR} ({jit.CACHE_REASON})", flush=True)
+    report = warmup(progress, only=args.only)
+    kernels = report["kernels"]
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        print()
+    elif not args.quiet:
+        counts = {s: sum(v == s for v in kernels.values()) for s in ("compiled", "loaded", "inside", "skipped")}
+        print(f"{len(kernels)} kernels: {counts['compiled']} compiled, {counts['loaded']} loaded from the "
+              f"cache, {counts['inside']} inside cached ones"
+              + (f", {counts['skipped']} skipped" if counts["skipped"] else "") + f"; {report['seconds']:.1f} s")
+    unused = [name for name, s in kernels.items() if s == "unused"]
+    if unused:
+        warnings.warn(f"no warm-up step reaches {short(unused)}: they compile on first use", stacklevel=1)
+    return 0
+
+
 # ------------------------------------------------------------------ main
 
 def _add_run_options(p, batch_size):
@@ -397,6 +435,9 @@ def build_parser():
     p.add_argument("--conv-k", type=int, default=128, help="codewords per conv subspace (default 128)")
     p.add_argument("--fc-subdim", type=int, default=4, help="C'_s of inner products (default 4)")
     p.add_argument("--fc-k", type=int, default=32, help="codewords per FC subspace (default 32)")
+    p.add_argument("--depthwise", type=lambda t: t if t == "conv" else _settings(t), default="conv",
+                   metavar="SUBDIM,K|float", help="depthwise convs (one input channel per group): "
+                   "scalar codebooks by default, with --conv-k codewords; 'float' leaves them float")
     p.add_argument("--layer", action="append", type=_layer_override, metavar="NAME=SUBDIM,K",
                    help="settings of one layer (repeatable); NAME=float leaves it unquantized")
     p.add_argument("--skip", action="append", metavar="NAME", help="leave this layer float (repeatable)")
@@ -436,6 +477,12 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     _add_run_options(p, batch_size=32)
     p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("warmup", help="compile every Numba kernel once, so that later runs start fast")
+    p.add_argument("--only", action="append", choices=["lut", "kmeans", "ec"],
+                   help="only these kernels (repeatable): lut for inference, kmeans and ec for quantize")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=cmd_warmup)
     return parser
 
 

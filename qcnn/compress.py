@@ -24,17 +24,25 @@ from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage
 _QUANTIZED = {Convolution: QuantizedConvolution, InnerProduct: QuantizedInnerProduct}
 
 
-def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True):
+def is_depthwise(layer):
+    """A grouped convolution with one input channel per group."""
+    return isinstance(layer, Convolution) and layer.group > 1 and layer.blobs[0].shape[1] == 1
+
+
+def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True, depthwise=(8, 128)):
     """``(subdim, num_codewords)`` for ``layer``, or None if it is not quantized.
 
     By default conv and inner-product layers are quantized unless that would
-    not make them smaller; an override always applies.
+    not make them smaller; an override always applies. ``subdim`` is capped
+    at the input channels per group (e.g. an RGB first layer: one subspace of
+    3 channels; a depthwise layer: scalar codebooks).
 
     Parameters
     ----------
     layer : Layer
-    conv, fc : (int, int)
-        Defaults for Convolution and InnerProduct layers.
+    conv, fc, depthwise : (int, int) or None
+        Settings of Convolution, InnerProduct and depthwise Convolution
+        layers; None leaves that kind float.
     overrides : dict, optional
         Layer name -> ``(subdim, num_codewords)``, or None to leave that layer float.
     shared : bool
@@ -47,17 +55,22 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
         return None
     if layer.name in overrides:
         return None if overrides[layer.name] is None else tuple(int(v) for v in overrides[layer.name])
+    settings = depthwise if is_depthwise(layer) else conv if isinstance(layer, Convolution) else fc
+    if settings is None:
+        return None
     group = getattr(layer, "group", 1)
     weight_shape = layer.blobs[0].shape if layer.blobs[0].ndim == 4 else layer.blobs[0].shape + (1, 1)
-    subdim, k = conv if isinstance(layer, Convolution) else fc
-    subdim = min(subdim, weight_shape[1])  # e.g. an RGB first layer: one subspace of 3 channels
+    if isinstance(layer, InnerProduct) and layer.transpose:
+        weight_shape = weight_shape[1::-1] + (1, 1)
+    subdim, k = settings
+    subdim = min(subdim, weight_shape[1])
     if storage_bytes(weight_shape, group, subdim, k, shared) >= 4 * int(np.prod(weight_shape)):
         return None  # too small a layer: the codebooks alone outweigh its float weights
     return (subdim, k)
 
 
 def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook=True, seed=0,
-                 kernel="auto", calibration=None, error_correction=True, max_samples=8192,
+                 kernel="auto", depthwise=(8, 128), calibration=None, error_correction=True, max_samples=8192,
                  max_patch_values=2 ** 26, ec_options=None, progress=None, **kmeans_options):
     """Product-quantize the conv and inner-product layers of ``net``, in order.
 
@@ -72,7 +85,7 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     ----------
     net : Net
         A float network (BatchNorm already folded, for best compression).
-    conv, fc, overrides
+    conv, fc, depthwise, overrides
         See :func:`layer_settings`.
     shared_codebook : bool
         One codebook per subspace for all groups of a grouped convolution.
@@ -117,7 +130,7 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     unknown = set(overrides) - {layer.name for layer in net.layers}
     if unknown:
         raise QcnnError(f"no layer named {', '.join(sorted(unknown))} in network '{net.name}'")
-    plan = [layer_settings(layer, conv, fc, overrides, shared_codebook) for layer in net.layers]
+    plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise) for layer in net.layers]
     count = sum(s is not None for s in plan)
     layers, report = [], []
     for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
@@ -202,6 +215,7 @@ def _quantize_layer(layer, settings, shared_codebook, kernel, seed, kmeans_optio
     new = _QUANTIZED[type(layer)](layer.name, layer.bottoms, layer.tops,
                                   [codebooks, codes] + layer.blobs[1:], **params)
     new.input_shapes, new.output_shapes_ = layer.input_shapes, layer.output_shapes_
+    new.check_blobs(new.input_shapes)
     shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
     channels = weight.shape[1]
     row = {"name": layer.name, "type": layer.type, "subdim": subdim, "num_codewords": k,

@@ -1,0 +1,153 @@
+"""Compression versus fidelity of a quantized ImageNet-style model, on held-out photo crops.
+
+A float model is quantized at several settings, calibrated (error correction)
+on crops of one set of photos (benchmarks/photo_crops.py), and compared with
+the float model on crops of a disjoint set: top-1 / top-5 agreement, mean KL
+divergence, mean change of the float top class's probability; also whether
+each whole reference photo keeps its float top-1 label. Prints a table, writes
+JSON and, with matplotlib installed, a PNG plot of compression against
+top-1 agreement.
+
+    python benchmarks/bench_fidelity.py MODEL.qcnn --name efficientnet \\
+        --settings "conv=8,128 fc=4,32 depthwise=float" "conv=4,64 fc=4,32" [--no-ec-too]
+
+A setting is space-separated KIND=SUBDIM,K (or KIND=float) for KIND in conv, fc,
+depthwise; unspecified kinds take qcnn's defaults (conv 8,128; fc 4,32;
+depthwise as conv).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+import qcnn
+from qcnn.compress import quantize_net
+from qcnn.evaluate import agreement, predict, top_k
+from qcnn.io.dataset import Dataset
+from qcnn.io.image import load_images
+
+sys.path.insert(0, os.path.dirname(__file__))
+from photo_crops import CALIBRATION, HELDOUT, crops, photo_path  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def parse_setting(text):
+    kinds = {"conv": (8, 128), "fc": (4, 32)}
+    for part in text.split():
+        kind, _, value = part.partition("=")
+        if kind not in ("conv", "fc", "depthwise"):
+            raise SystemExit(f"unknown layer kind {kind!r} in setting {text!r}")
+        kinds[kind] = None if value == "float" else tuple(int(v) for v in value.split(","))
+    kinds.setdefault("depthwise", kinds["conv"])
+    return kinds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="float .qcnn model")
+    parser.add_argument("--name", default="model", help="names the JSON and PNG files")
+    parser.add_argument("--settings", nargs="+", default=["conv=8,128 fc=4,32"])
+    parser.add_argument("--no-ec-too", action="store_true", help="also quantize without error correction")
+    parser.add_argument("--calib-per-photo", type=int, default=16)
+    parser.add_argument("--heldout-per-photo", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=8192, help="rows per layer for error correction")
+    parser.add_argument("--ec-iter", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--save", metavar="DIR", help="keep the quantized models here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    net = qcnn.load(args.model)
+    shape = next(iter(net.inputs.values()))[1:]
+    preprocess = net.metadata.get("preprocess")
+    calibration = Dataset("calib", crops(CALIBRATION, args.calib_per_photo, seed=args.seed),
+                          shape, preprocess).array()
+    heldout = Dataset("heldout", crops(HELDOUT, args.heldout_per_photo, seed=args.seed + 1), shape, preprocess)
+    photos = load_images([photo_path(n) for n in CALIBRATION + HELDOUT], shape, preprocess)
+
+    def run(model):
+        probs = predict(model, (x for x, _ in heldout.batches(args.batch_size)))
+        return probs, predict(model, [photos[i:i + args.batch_size] for i in range(0, len(photos), args.batch_size)])
+
+    float_probs, float_photos = run(net)
+    float_labels = top_k(float_photos, 1)[:, 0]
+    dense_bytes = sum(r["dense_bytes"] for r in net.summary())
+    print(f"{args.model}: {dense_bytes / 2**20:.2f} MiB float; calibration {len(calibration)} crops of "
+          f"{len(CALIBRATION)} photos, held out {len(heldout)} crops of {len(HELDOUT)} photos", flush=True)
+
+    rows = []
+    for text in args.settings:
+        kinds = parse_setting(text)
+        for ec in ((False, True) if args.no_ec_too else (True,)):
+            start = time.perf_counter()
+            quantized, report = quantize_net(net, kinds["conv"], kinds["fc"], depthwise=kinds["depthwise"],
+                                             seed=args.seed, calibration=calibration, error_correction=ec,
+                                             max_samples=args.samples, ec_options={"max_iter": args.ec_iter})
+            seconds = time.perf_counter() - start
+            probs, photo_probs = run(quantized)
+            total = sum(r["bytes"] for r in quantized.summary())
+            kept = top_k(photo_probs, 1)[:, 0] == float_labels
+            row = {"setting": text, "error_correction": ec, "compression": dense_bytes / total,
+                   "bytes": total, **agreement(float_probs, probs),
+                   "photos_label_kept": int(kept.sum()), "photos": len(kept),
+                   "photos_changed": [n for n, k in zip(CALIBRATION + HELDOUT, kept) if not k],
+                   "quantize_seconds": seconds, "layers": report}
+            rows.append(row)
+            if args.save:
+                os.makedirs(args.save, exist_ok=True)
+                qcnn.save(quantized, os.path.join(args.save, f"{args.name}-{len(rows)}.qcnn"))
+            print(f"{text:<40} {'EC' if ec else 'no EC':<5} {row['compression']:5.1f}x  top-1 "
+                  f"{row['top1_agreement']:.2%}  top-5 {row['top5_agreement']:.2%}  KL {row['mean_kl']:.4f}  "
+                  f"photos kept {row['photos_label_kept']}/{row['photos']}  {seconds:.0f} s", flush=True)
+
+    print("\n| setting | EC | size | compression | top-1 agr. | top-5 agr. | mean KL | photo labels kept |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {'yes' if r['error_correction'] else 'no'} | {r['bytes'] / 2**20:.2f} MiB | "
+              f"{r['compression']:.1f}x | {r['top1_agreement']:.2%} | {r['top5_agreement']:.2%} | "
+              f"{r['mean_kl']:.4f} | {r['photos_label_kept']}/{r['photos']} |")
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"fidelity_{args.name}.json")
+    with open(path, "w") as f:
+        json.dump({"model": args.model, "float_bytes": dense_bytes, "calibration_crops": len(calibration),
+                   "heldout_crops": len(heldout), "rows": rows}, f, indent=1)
+    print(f"wrote {path}")
+    _plot(rows, args.name)
+    return 0
+
+
+def _plot(rows, name):
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ec, marker in ((True, "o"), (False, "x")):
+        chosen = [r for r in rows if r["error_correction"] == ec]
+        if chosen:
+            ax.scatter([r["compression"] for r in chosen], [100 * r["top1_agreement"] for r in chosen],
+                       marker=marker, label="with EC" if ec else "without EC")
+            for r in chosen:
+                ax.annotate(r["setting"], (r["compression"], 100 * r["top1_agreement"]), fontsize=6)
+    ax.set_xlabel("compression (float bytes / quantized bytes)")
+    ax.set_ylabel("top-1 agreement with float model (%)")
+    ax.set_title(f"{name}: compression vs agreement on held-out crops")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"fidelity_{name}.png")
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,3 +101,103 @@ def test_quantize_net_reports_and_skips():
     for row in report:
         assert row["bytes_after"] < row["bytes_before"] or row["name"] == "fc2"
         assert 0 <= row["weight_error"] < 1
+
+
+def test_depthwise_and_kind_settings(tmp_path):
+    proto = """name: "dw" input: "data" input_shape { dim: 1 dim: 8 dim: 10 dim: 10 }
+    layer { name: "dw" type: "Convolution" bottom: "data" top: "dw"
+            convolution_param { num_output: 8 group: 8 kernel_size: 3 pad: 1 } }
+    layer { name: "pw" type: "Convolution" bottom: "dw" top: "pw" convolution_param { num_output: 64 kernel_size: 1 } }
+    layer { name: "fc" type: "InnerProduct" bottom: "pw" top: "fc" inner_product_param { num_output: 300 } }"""
+    (tmp_path / "dw.prototxt").write_text(proto)
+    net = qcnn.load_caffe(tmp_path / "dw.prototxt", seed=0)
+    assert layer_settings(net.layer("dw"), conv=(8, 16)) is None  # 72 weights: codebook too big
+    assert layer_settings(net.layer("dw"), depthwise=(8, 4)) == (1, 4)  # scalar codebook
+    assert layer_settings(net.layer("dw"), depthwise=None) is None
+    assert layer_settings(net.layer("pw"), conv=None) is None
+    assert layer_settings(net.layer("fc"), fc=(4, 16)) == (4, 16)
+
+
+def _calibration_images(count=48, seed=0):
+    """The bundled samples, shifted and flipped: Fashion-MNIST-like inputs in [0, 1]."""
+    from PIL import Image
+
+    samples = sorted((qcnn.resources.WEIGHTS_DIR / "samples").glob("fashion_*.png"))
+    base = np.stack([np.asarray(Image.open(p).convert("L"), np.float32) / 255 for p in samples])
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        image = np.roll(base[i % len(base)], tuple(rng.integers(-3, 4, 2)), axis=(0, 1))
+        out.append(image[:, ::-1] if rng.random() < 0.5 else image)
+    return np.stack(out)[:, None]
+
+
+def test_layer_inputs_come_from_the_quantized_net_and_targets_from_the_float_net(monkeypatch):
+    import qcnn.compress as compress
+
+    net = qcnn.load(qcnn.resources.DEFAULT_MODEL)
+    x = _calibration_images(8)
+    seen = {}
+    original = compress._correct
+
+    def spy(layer, inputs, targets, *args):
+        seen[layer.name] = (inputs.copy(), targets.copy())
+        return original(layer, inputs, targets, *args)
+
+    monkeypatch.setattr(compress, "_correct", spy)
+    quantized, report = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x, max_samples=10**6,
+                                     ec_options={"max_iter": 2})
+    # fc1 reads pool2: from the quantized conv layers; its target is the float fc1 response.
+    q_pool2 = quantized.forward(x, ["pool2"])["pool2"].reshape(len(x), -1)
+    inputs, targets = seen["fc1"]
+    np.testing.assert_allclose(inputs[0, :, 0], q_pool2, rtol=1e-5, atol=1e-5)
+    float_pool2 = net.forward(x, ["pool2"])["pool2"].reshape(len(x), -1)
+    # (fc1's blob is rewritten in place by relu3, so its response is computed here)
+    np.testing.assert_allclose(targets, float_pool2 @ net.layer("fc1").blobs[0].T, rtol=1e-4, atol=1e-4)
+    assert not np.allclose(inputs[0, :, 0], float_pool2)
+    # conv2 targets: all 8 * 14 * 14 positions of the float conv2 response, in sampled order.
+    inputs, targets = seen["conv2"]
+    assert inputs.shape == (1, 8 * 14 * 14, 25, 32) and targets.shape == (8 * 14 * 14, 64)
+    conv2 = net.layer("conv2")
+    float_conv2 = conv2.forward([net.forward(x, ["pool1"])["pool1"]])[0] - conv2.blobs[1].reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(targets, float_conv2.transpose(0, 2, 3, 1).reshape(-1, 64), rtol=1e-4, atol=1e-4)
+
+
+def test_error_correction_lowers_response_error_and_output_error():
+    net = qcnn.load(qcnn.resources.DEFAULT_MODEL)
+    x = _calibration_images(48)
+    reference = net.forward(x)
+    errors = {}
+    for ec in (False, True):
+        quantized, report = quantize_net(net, conv=(4, 8), fc=(8, 8), calibration=x, error_correction=ec,
+                                         seed=1, ec_options={"max_iter": 10})
+        for row in report:
+            assert row["response_error"] <= row["response_error_kmeans"] * (1 + 1e-5)
+            assert row["samples"] > 0 and np.isfinite(row["response_error"])
+        output = quantized.forward(x)
+        errors[ec] = float(np.mean([np.abs(output[k] - reference[k]).sum(axis=1).mean() for k in reference]))
+        if ec:
+            assert all(row["response_error"] < 0.95 * row["response_error_kmeans"] for row in report)
+    assert errors[True] < errors[False]
+
+
+def test_quantize_cli_with_calibration(tmp_path, capsys):
+    pixels = (_calibration_images(24)[:, 0] * 255).round().astype(np.uint8)
+    np.save(tmp_path / "calib.npy", pixels)
+    out, report = tmp_path / "q.qcnn", tmp_path / "report.json"
+    assert main(["quantize", str(qcnn.resources.DEFAULT_MODEL), "--calib", str(tmp_path / "calib.npy"),
+                 "--calib-size", "16", "--ec-iter", "3", "--conv-k", "16", "--fc-k", "16",
+                 "-o", str(out), "--report", str(report)]) == 0
+    captured = capsys.readouterr()
+    assert "resp. err EC" in captured.out and "wrote" in captured.out
+    assert "response error" in captured.err  # progress lines on stderr
+    data = json.loads(report.read_text())
+    assert data["error_correction"] and data["calibration"]["images"] == 16
+    assert {r["name"] for r in data["layers"]} == {"conv1", "conv2", "fc1"}
+    assert all(r["response_error"] <= r["response_error_kmeans"] * (1 + 1e-5) for r in data["layers"])
+    assert qcnn.load(out).layer("fc1").type == "QuantizedInnerProduct"
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((3, 1, 5, 5), np.float32))
+    before = out.read_bytes()
+    assert main(["quantize", str(qcnn.resources.DEFAULT_MODEL), "--calib", str(bad), "-o", str(out)]) == 1
+    assert "bad.npy" in capsys.readouterr().err and out.read_bytes() == before

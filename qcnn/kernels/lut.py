@@ -21,10 +21,9 @@ adds, no gathers, eight lookups per instruction. The frame has ``Wq - Wo`` junk 
   for input position ``(qy*sh + ry, qx*sw + rx)``, which keeps every term's run contiguous.
 * Register blocking: the accumulators of 32 consecutive frame lanes (four 8-lane vectors) stay in
   registers while all terms of a block of subspaces are added; Numba/LLVM would otherwise keep
-  them in memory (aliasing) or vectorise the wrong loop, so this module defines an 8 x float32
-  vector type with a few LLVM intrinsics (``_vload``, ``_vadd``, ...). They emit plain LLVM
-  vector IR (``<8 x float>``, ``llvm.fmuladd``), no x86-specific intrinsics: AVX registers on
-  x86-64, split into narrower registers by LLVM elsewhere.
+  them in memory (aliasing) or vectorise the wrong loop, so the kernels hold them in the 8 x
+  float32 vector type of :mod:`qcnn.kernels.simd` (``vload``, ``vadd``, ``vmuladd``, ...: plain
+  LLVM vector IR, AVX registers on x86-64, split into narrower registers by LLVM elsewhere).
 * Cache blocking: tables are built (by vectorised multiply-adds, inside the kernel, four codewords
   per pass over the input) for a block of subspaces at a time, sized to stay in L2
   (:data:`TABLE_BUDGET`), and all output channels are accumulated against that block before the
@@ -70,14 +69,12 @@ Everything is compiled with ``cache=True`` in a serial and a parallel copy
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import prange
 
 from qcnn.kernels.jit import serial_and_parallel
+from qcnn.kernels.simd import LANES, prefetch, vadd, vload, vmuladd, vsplat, vstore, vzero
 
-LANES = 8  # float32 lanes per vector register (AVX); frames are padded to a multiple of it
+# frames are padded to a multiple of LANES (float32 lanes per vector, from qcnn.kernels.simd)
 SLACK = 64  # zeroed floats after every table block and input copy: vector reads may run past a row
 TABLE_BUDGET = 256 * 1024  # bytes of tables built per block (kept in L2 while accumulating)
 FRAME_SAMPLE_POSITIONS = 64  # samples with fewer positions than this share a frame
@@ -91,108 +88,6 @@ FC_GATHER_MAX_BATCH = 4  # K > PAIR_WIDTH: inner products of at most this many s
 FC_PAIRS8_MIN_BATCH = 3  # K <= PAIR_WIDTH: from this batch on, pair tables of 8-sample vectors
 
 _JIT = {"fastmath": True, "error_model": "numpy"}
-
-
-# --- An 8 x float32 vector type for Numba --------------------------------------------------------
-
-class _Vec8Type(types.Type):
-    def __init__(self):
-        super().__init__(name="float32x8")
-
-
-_vec8 = _Vec8Type()
-_LL_VEC8 = ir.VectorType(ir.FloatType(), LANES)
-
-
-@register_model(_Vec8Type)
-class _Vec8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _LL_VEC8)
-
-
-def _is_float32_vector(arr):
-    return isinstance(arr, types.Array) and arr.dtype == types.float32 and arr.ndim == 1 \
-        and arr.layout == "C"
-
-
-def _vec8_pointer(context, builder, sig, args):
-    """Pointer to ``arr[index]`` as a ``<8 x float>*`` (no bounds check)."""
-    arr = context.make_array(sig.args[0])(context, builder, args[0])
-    index = context.cast(builder, args[1], sig.args[1], types.intp)
-    return builder.bitcast(builder.gep(arr.data, [index]), _LL_VEC8.as_pointer())
-
-
-@intrinsic
-def _vzero(typingctx):
-    """An all-zero vector."""
-    def codegen(context, builder, sig, args):
-        return ir.Constant(_LL_VEC8, [0.0] * LANES)
-    return _vec8(), codegen
-
-
-@intrinsic
-def _vload(typingctx, arr, index):
-    """``arr[index:index + 8]`` (1-D C-contiguous float32, unaligned, unchecked)."""
-    if not (_is_float32_vector(arr) and isinstance(index, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_vec8_pointer(context, builder, sig, args), align=4)
-    return _vec8(arr, index), codegen
-
-
-@intrinsic
-def _vstore(typingctx, arr, index, value):
-    """``arr[index:index + 8] = value`` (unaligned, unchecked)."""
-    if not (_is_float32_vector(arr) and isinstance(index, types.Integer) and value == _vec8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        builder.store(args[2], _vec8_pointer(context, builder, sig, args), align=4)
-        return context.get_dummy_value()
-    return types.void(arr, index, value), codegen
-
-
-@intrinsic
-def _vadd(typingctx, a, b):
-    """``a + b``."""
-    if not (a == _vec8 and b == _vec8):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-    return _vec8(a, b), codegen
-
-
-@intrinsic
-def _vsplat(typingctx, scalar):
-    """A vector with every lane ``scalar``."""
-    if not isinstance(scalar, types.Float):
-        return None
-
-    def codegen(context, builder, sig, args):
-        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32))
-    return _vec8(scalar), codegen
-
-
-def _splat(builder, value):
-    vec = builder.insert_element(ir.Constant(_LL_VEC8, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(vec, ir.Constant(_LL_VEC8, ir.Undefined),
-                                  ir.Constant(ir.VectorType(ir.IntType(32), LANES), [0] * LANES))
-
-
-@intrinsic
-def _vmuladd(typingctx, acc, scalar, v):
-    """``acc + scalar * v`` (fused where the CPU has FMA)."""
-    if not (acc == _vec8 and v == _vec8 and isinstance(scalar, types.Float)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        splat = _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32))
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_LL_VEC8, [_LL_VEC8] * 3), "llvm.fmuladd.v8f32")
-        return builder.call(fn, [splat, args[2], args[0]])
-    return _vec8(acc, scalar, v), codegen
 
 
 # --- Convolution (and batched inner product): the frame kernel -----------------------------------
@@ -216,21 +111,21 @@ def _build_tables(src, src_start, src_row, books, gb, m0, mb, row_len, row_strid
             w3 = words[c + 3] if four else w0
             dst = (i * n_words + c) * row_stride
             for p in range(0, row_len, LANES):
-                v0 = _vzero()
-                v1 = _vzero()
-                v2 = _vzero()
-                v3 = _vzero()
+                v0 = vzero()
+                v1 = vzero()
+                v2 = vzero()
+                v3 = vzero()
                 for j in range(subdim):
-                    x = _vload(src, s0 + j * src_row + p)
-                    v0 = _vmuladd(v0, w0[j], x)
-                    v1 = _vmuladd(v1, w1[j], x)
-                    v2 = _vmuladd(v2, w2[j], x)
-                    v3 = _vmuladd(v3, w3[j], x)
-                _vstore(lut, dst + p, v0)
+                    x = vload(src, s0 + j * src_row + p)
+                    v0 = vmuladd(v0, w0[j], x)
+                    v1 = vmuladd(v1, w1[j], x)
+                    v2 = vmuladd(v2, w2[j], x)
+                    v3 = vmuladd(v3, w3[j], x)
+                vstore(lut, dst + p, v0)
                 if four:
-                    _vstore(lut, dst + row_stride + p, v1)
-                    _vstore(lut, dst + 2 * row_stride + p, v2)
-                    _vstore(lut, dst + 3 * row_stride + p, v3)
+                    vstore(lut, dst + row_stride + p, v1)
+                    vstore(lut, dst + 2 * row_stride + p, v2)
+                    vstore(lut, dst + 3 * row_stride + p, v3)
             c += 4 if four else 1
 
 
@@ -242,42 +137,42 @@ def _accumulate(lut, offsets, n_terms, acc, start, length, first):
     while f + 4 * LANES <= length:
         s = start + f
         if first:
-            a0 = _vzero()
-            a1 = _vzero()
-            a2 = _vzero()
-            a3 = _vzero()
+            a0 = vzero()
+            a1 = vzero()
+            a2 = vzero()
+            a3 = vzero()
         else:
-            a0 = _vload(acc, s)
-            a1 = _vload(acc, s + LANES)
-            a2 = _vload(acc, s + 2 * LANES)
-            a3 = _vload(acc, s + 3 * LANES)
+            a0 = vload(acc, s)
+            a1 = vload(acc, s + LANES)
+            a2 = vload(acc, s + 2 * LANES)
+            a3 = vload(acc, s + 3 * LANES)
         for k in range(n_terms):
             o = offsets[k] + f
-            a0 = _vadd(a0, _vload(lut, o))
-            a1 = _vadd(a1, _vload(lut, o + LANES))
-            a2 = _vadd(a2, _vload(lut, o + 2 * LANES))
-            a3 = _vadd(a3, _vload(lut, o + 3 * LANES))
-        _vstore(acc, s, a0)
-        _vstore(acc, s + LANES, a1)
-        _vstore(acc, s + 2 * LANES, a2)
-        _vstore(acc, s + 3 * LANES, a3)
+            a0 = vadd(a0, vload(lut, o))
+            a1 = vadd(a1, vload(lut, o + LANES))
+            a2 = vadd(a2, vload(lut, o + 2 * LANES))
+            a3 = vadd(a3, vload(lut, o + 3 * LANES))
+        vstore(acc, s, a0)
+        vstore(acc, s + LANES, a1)
+        vstore(acc, s + 2 * LANES, a2)
+        vstore(acc, s + 3 * LANES, a3)
         f += 4 * LANES
     while f < length:  # the last < 32 lanes, 8 at a time: four partial sums hide the add latency
-        a0 = _vzero() if first else _vload(acc, start + f)
-        a1 = _vzero()
-        a2 = _vzero()
-        a3 = _vzero()
+        a0 = vzero() if first else vload(acc, start + f)
+        a1 = vzero()
+        a2 = vzero()
+        a3 = vzero()
         k = 0
         while k + 4 <= n_terms:
-            a0 = _vadd(a0, _vload(lut, offsets[k] + f))
-            a1 = _vadd(a1, _vload(lut, offsets[k + 1] + f))
-            a2 = _vadd(a2, _vload(lut, offsets[k + 2] + f))
-            a3 = _vadd(a3, _vload(lut, offsets[k + 3] + f))
+            a0 = vadd(a0, vload(lut, offsets[k] + f))
+            a1 = vadd(a1, vload(lut, offsets[k + 1] + f))
+            a2 = vadd(a2, vload(lut, offsets[k + 2] + f))
+            a3 = vadd(a3, vload(lut, offsets[k + 3] + f))
             k += 4
         while k < n_terms:
-            a0 = _vadd(a0, _vload(lut, offsets[k] + f))
+            a0 = vadd(a0, vload(lut, offsets[k] + f))
             k += 1
-        _vstore(acc, start + f, _vadd(_vadd(a0, a1), _vadd(a2, a3)))
+        vstore(acc, start + f, vadd(vadd(a0, a1), vadd(a2, a3)))
         f += LANES
 
 
@@ -376,26 +271,6 @@ def _subspace_table(books, x, m, out):
 _U8, _U16 = np.uint32(0xFF), np.uint32(0xFFFF)
 
 
-@intrinsic
-def _prefetch(typingctx, arr, index):
-    """Prefetch the cache line of ``arr[index]`` (``llvm.prefetch``: read, keep in all levels;
-    unchecked, a hint only)."""
-    if not (isinstance(arr, types.Array) and isinstance(index, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        array = context.make_array(sig.args[0])(context, builder, args[0])
-        i = context.cast(builder, args[1], sig.args[1], types.intp)
-        byte_ptr = ir.IntType(8).as_pointer()
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr] + [ir.IntType(32)] * 3),
-            "llvm.prefetch.p0i8")
-        i32 = ir.IntType(32)
-        builder.call(fn, [builder.bitcast(builder.gep(array.data, [i]), byte_ptr), i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(arr, index), codegen
-
-
 @numba.njit(cache=True, nogil=True, **_JIT)
 def _add_pairs(table, base, w0, w1, w2, w3, s0, s1, s2, s3, s4, s5, s6, s7):
     """Add the entries ``table[base + code]`` of eight 16-bit codes packed in four 32-bit words."""
@@ -450,7 +325,7 @@ def _pair_block(tables, codes, w, acc, q0, q1):
     for q in range(q0, q1):
         o = np.uint64(q * 8)
         s0, s1, s2, s3, s4, s5, s6, s7 = _load8(acc, o)
-        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        prefetch(codes, w + np.uint64(FC_PREFETCH))
         s0, s1, s2, s3, s4, s5, s6, s7 = _add_pairs(
             tables, np.uint32(0), codes[w], codes[w + u1], codes[w + np.uint64(2)], codes[w + np.uint64(3)],
             s0, s1, s2, s3, s4, s5, s6, s7)
@@ -475,7 +350,7 @@ def _single_block(tables, size, codes, w, acc, q0, q1):
     for q in range(q0, q1):
         o = np.uint64(q * 8)
         s0, s1, s2, s3, s4, s5, s6, s7 = _load8(acc, o)
-        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        prefetch(codes, w + np.uint64(FC_PREFETCH))
         for i in range(PAIR_BLOCK):
             s0, s1, s2, s3, s4, s5, s6, s7 = _add_singles(
                 tables, np.uint32(i * size), codes[w], codes[w + u1], s0, s1, s2, s3, s4, s5, s6, s7)
@@ -521,10 +396,10 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
                     _subspace_table(books, xn, m, first)
                     _subspace_table(books, xn, m + 1, second)
                     for a in range(n_words):
-                        splat = _vsplat(first[a])
+                        splat = vsplat(first[a])
                         row = i * PAIR_SIZE + a * PAIR_WIDTH
                         for b in range(0, PAIR_WIDTH, LANES):
-                            _vstore(tables, row + b, _vadd(splat, _vload(second, b)))
+                            vstore(tables, row + b, vadd(splat, vload(second, b)))
                 else:
                     _subspace_table(books, xn, rb * PAIR_BLOCK + i, tables[i * size:(i + 1) * size])
             w = (rb * n_groups8 + q0) * PAIR_BLOCK * words_per_group
@@ -546,13 +421,13 @@ def _subspace_table8(books, xt, m, out):
     n_sub, n_words, subdim = books.shape[1], books.shape[2], books.shape[3]
     if m >= n_sub:
         for c in range(n_words):
-            _vstore(out, c * LANES, _vzero())
+            vstore(out, c * LANES, vzero())
         return
     for c in range(n_words):
-        v = _vzero()
+        v = vzero()
         for j in range(subdim):
-            v = _vmuladd(v, books[0, m, c, j], _vload(xt, (m * subdim + j) * LANES))
-        _vstore(out, c * LANES, v)
+            v = vmuladd(v, books[0, m, c, j], vload(xt, (m * subdim + j) * LANES))
+        vstore(out, c * LANES, v)
 
 
 @numba.njit(cache=True, nogil=True, **_JIT)
@@ -563,34 +438,34 @@ def _pair_block8(tables, codes, w, acc, q0, q1):
     w = np.uint64(w)
     for q in range(q0, q1):
         o = np.uint64(q * 8 * LANES)
-        a0, a1 = _vload(acc, o), _vload(acc, o + lanes)
-        a2, a3 = _vload(acc, o + np.uint64(2 * LANES)), _vload(acc, o + np.uint64(3 * LANES))
-        a4, a5 = _vload(acc, o + np.uint64(4 * LANES)), _vload(acc, o + np.uint64(5 * LANES))
-        a6, a7 = _vload(acc, o + np.uint64(6 * LANES)), _vload(acc, o + np.uint64(7 * LANES))
-        _prefetch(codes, w + np.uint64(FC_PREFETCH))
+        a0, a1 = vload(acc, o), vload(acc, o + lanes)
+        a2, a3 = vload(acc, o + np.uint64(2 * LANES)), vload(acc, o + np.uint64(3 * LANES))
+        a4, a5 = vload(acc, o + np.uint64(4 * LANES)), vload(acc, o + np.uint64(5 * LANES))
+        a6, a7 = vload(acc, o + np.uint64(6 * LANES)), vload(acc, o + np.uint64(7 * LANES))
+        prefetch(codes, w + np.uint64(FC_PREFETCH))
         for i in range(PAIR_BLOCK):
             base = np.uint64(i * PAIR_SIZE * LANES)
             c = np.uint64(codes[w])
-            a0 = _vadd(a0, _vload(tables, base + (c & mask) * lanes))
-            a1 = _vadd(a1, _vload(tables, base + (c >> shift) * lanes))
+            a0 = vadd(a0, vload(tables, base + (c & mask) * lanes))
+            a1 = vadd(a1, vload(tables, base + (c >> shift) * lanes))
             c = np.uint64(codes[w + u1])
-            a2 = _vadd(a2, _vload(tables, base + (c & mask) * lanes))
-            a3 = _vadd(a3, _vload(tables, base + (c >> shift) * lanes))
+            a2 = vadd(a2, vload(tables, base + (c & mask) * lanes))
+            a3 = vadd(a3, vload(tables, base + (c >> shift) * lanes))
             c = np.uint64(codes[w + np.uint64(2)])
-            a4 = _vadd(a4, _vload(tables, base + (c & mask) * lanes))
-            a5 = _vadd(a5, _vload(tables, base + (c >> shift) * lanes))
+            a4 = vadd(a4, vload(tables, base + (c & mask) * lanes))
+            a5 = vadd(a5, vload(tables, base + (c >> shift) * lanes))
             c = np.uint64(codes[w + np.uint64(3)])
-            a6 = _vadd(a6, _vload(tables, base + (c & mask) * lanes))
-            a7 = _vadd(a7, _vload(tables, base + (c >> shift) * lanes))
+            a6 = vadd(a6, vload(tables, base + (c & mask) * lanes))
+            a7 = vadd(a7, vload(tables, base + (c >> shift) * lanes))
             w += np.uint64(4)
-        _vstore(acc, o, a0)
-        _vstore(acc, o + lanes, a1)
-        _vstore(acc, o + np.uint64(2 * LANES), a2)
-        _vstore(acc, o + np.uint64(3 * LANES), a3)
-        _vstore(acc, o + np.uint64(4 * LANES), a4)
-        _vstore(acc, o + np.uint64(5 * LANES), a5)
-        _vstore(acc, o + np.uint64(6 * LANES), a6)
-        _vstore(acc, o + np.uint64(7 * LANES), a7)
+        vstore(acc, o, a0)
+        vstore(acc, o + lanes, a1)
+        vstore(acc, o + np.uint64(2 * LANES), a2)
+        vstore(acc, o + np.uint64(3 * LANES), a3)
+        vstore(acc, o + np.uint64(4 * LANES), a4)
+        vstore(acc, o + np.uint64(5 * LANES), a5)
+        vstore(acc, o + np.uint64(6 * LANES), a6)
+        vstore(acc, o + np.uint64(7 * LANES), a7)
 
 
 def _fc_pairs8(xt, books, codes, t_chunks, out):
@@ -626,10 +501,10 @@ def _fc_pairs8(xt, books, codes, t_chunks, out):
                 _subspace_table8(books, xn, m, first)
                 _subspace_table8(books, xn, m + 1, second)
                 for a in range(n_words):
-                    fa = _vload(first, a * LANES)
+                    fa = vload(first, a * LANES)
                     row = (i * PAIR_SIZE + a * PAIR_WIDTH) * LANES
                     for b in range(PAIR_WIDTH):
-                        _vstore(tables, row + b * LANES, _vadd(fa, _vload(second, b * LANES)))
+                        vstore(tables, row + b * LANES, vadd(fa, vload(second, b * LANES)))
             _pair_block8(tables, codes, (rb * n_groups8 + q0) * PAIR_BLOCK * 4, acc, q0, q1)
 
 

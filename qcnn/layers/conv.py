@@ -1,4 +1,4 @@
-"""Convolution, by im2col + BLAS (and a direct path for depthwise convolution)."""
+"""Convolution, by im2col + BLAS (and a direct Numba kernel for depthwise convolution)."""
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
@@ -115,17 +115,22 @@ def convolve(x, weight, bias, stride, pad, dilation, group):
     """Caffe convolution of ``x`` (N, C, H, W) with ``weight`` (C_out, C/group, kh, kw).
 
     im2col (a strided view copied to (N, group, C/group*kh*kw, Ho*Wo)) and one
-    batched BLAS product per group; depthwise convolutions (one input channel
-    per group) instead accumulate over the kh*kw kernel offsets.
+    batched BLAS product per group. Depthwise convolutions (one input channel per
+    group) with float32 weights (every layer's) run a direct Numba kernel
+    (:func:`_depthwise`); with float64 weights (a reference computation) they
+    accumulate over the kh*kw kernel offsets in NumPy, in float64 like the BLAS path.
     """
     x = np.asarray(x, np.float32)
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     c_out, c_group, kh, kw = weight.shape
+    depthwise = c_group == 1 and group > 1
+    if depthwise and weight.dtype == np.float32:
+        return _depthwise(x, weight, bias, stride, pad, dilation, c_out // group)
     ho, wo = (conv_output_size(s, k, st, p, d) for s, k, st, p, d in
               zip((h, w), (kh, kw), stride, pad, dilation))
     view = patches(x, (kh, kw), stride, pad, dilation, (ho, wo))
-    if c_group == 1 and group > 1:
-        out = _depthwise(view, weight, c_out // group)
+    if depthwise:
+        out = _depthwise_numpy(view, weight, c_out // group)
     else:
         cols = view.reshape(n, group, c_group * kh * kw, ho * wo)
         out = np.matmul(weight.reshape(group, c_out // group, c_group * kh * kw), cols)
@@ -135,12 +140,22 @@ def convolve(x, weight, bias, stride, pad, dilation, group):
     return out
 
 
-def _depthwise(view, weight, multiplier):
-    """Sum over kernel offsets: each output channel reads input channel ``c_out // multiplier``."""
+def _depthwise(x, weight, bias, stride, pad, dilation, multiplier):
+    """Depthwise convolution of ``x`` (N, C, H, W) with float32 ``weight`` (C * multiplier, 1,
+    kh, kw), bias included: output channel ``c`` reads input channel ``c // multiplier``. The
+    Numba kernel :func:`qcnn.kernels.depthwise.depthwise_conv`, on Numba's threads."""
+    from qcnn.kernels import depthwise  # Numba takes 0.4 s to import: only when a depthwise layer runs
+
+    return depthwise.depthwise_conv(x, weight, bias, stride, pad, dilation, multiplier)
+
+
+def _depthwise_numpy(view, weight, multiplier):
+    """Sum over kernel offsets of ``patches`` (in ``weight``'s precision): each output channel
+    reads input channel ``c_out // multiplier``."""
     n, c, kh, kw, ho, wo = view.shape
     if multiplier > 1:
         view = np.repeat(view, multiplier, axis=1)
-    out = np.zeros((n, c * multiplier, ho, wo), np.float32)
+    out = np.zeros((n, c * multiplier, ho, wo), np.result_type(np.float32, weight.dtype))
     for i in range(kh):
         for j in range(kw):
             out += weight[:, 0, i, j].reshape(1, -1, 1, 1) * view[:, :, i, j]

@@ -31,7 +31,7 @@ import qcnn
 from qcnn.compress import quantize_net
 from qcnn.evaluate import accuracy, agreement, predict
 from qcnn.io.dataset import Dataset
-from qcnn.resources import DEFAULT_MODEL
+from qcnn.resources import FASHION_MNIST_MODEL
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 RESULTS = os.path.join(os.path.dirname(__file__), "results", "fashion_mnist.json")
@@ -54,7 +54,7 @@ def load_split(data_dir, prefix):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=DATA_DIR)
-    parser.add_argument("--model", default=str(DEFAULT_MODEL))
+    parser.add_argument("--model", default=str(FASHION_MNIST_MODEL))
     parser.add_argument("--calib", type=int, default=8192, help="unlabeled training images for EC")
     parser.add_argument("--settings", nargs="+", default=["4,32", "4,64", "8,32", "8,64", "8,128", "16,256"],
                         help="SUBDIM,K applied to every conv and FC layer")

@@ -8,5 +8,6 @@ in an installed wheel).
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "_weights"
-DEFAULT_MODEL = WEIGHTS_DIR / "fashion_mnist.qcnn"
+FASHION_MNIST_MODEL = WEIGHTS_DIR / "fashion_mnist.qcnn"
+DEFAULT_MODEL = FASHION_MNIST_MODEL
 SAMPLE_IMAGE = WEIGHTS_DIR / "samples" / "fashion_sneaker.png"

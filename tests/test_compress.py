@@ -53,12 +53,12 @@ def test_default_settings():
 
 def test_quantize_default_model_end_to_end(tmp_path, capsys):
     out = tmp_path / "fashion_q.qcnn"
-    assert main(["quantize", str(qcnn.resources.DEFAULT_MODEL), "-o", str(out), "--no-ec", "--json"]) == 0
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "-o", str(out), "--no-ec", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [row["name"] for row in report["layers"]]
     assert "fc1" in names and "fc2" not in names  # 512 x 10: codebooks would outweigh the weights
     assert report["total"]["compression"] > 8
-    float_net, quantized = qcnn.load(qcnn.resources.DEFAULT_MODEL), qcnn.load(out)
+    float_net, quantized = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL), qcnn.load(out)
     assert quantized.layer("fc1").type == "QuantizedInnerProduct"
     samples = sorted((qcnn.resources.WEIGHTS_DIR / "samples").glob("*.png"))
     from qcnn.io.image import load_images
@@ -75,7 +75,7 @@ def test_quantize_default_model_end_to_end(tmp_path, capsys):
 
 def test_fast_kmeans_option(tmp_path, capsys):
     out = tmp_path / "fast.qcnn"
-    model = str(qcnn.resources.DEFAULT_MODEL)
+    model = str(qcnn.resources.FASHION_MNIST_MODEL)
     assert main(["quantize", model, "-o", str(out), "--no-ec", "--fast-kmeans", "--json"]) == 0
     fast = json.loads(capsys.readouterr().out)["layers"]
     assert main(["quantize", model, "-o", str(out), "--no-ec", "--json"]) == 0
@@ -85,7 +85,7 @@ def test_fast_kmeans_option(tmp_path, capsys):
 
 
 def test_quantize_errors(tmp_path):
-    model = str(qcnn.resources.DEFAULT_MODEL)
+    model = str(qcnn.resources.FASHION_MNIST_MODEL)
     out = tmp_path / "x.qcnn"
     assert main(["quantize", model, "-o", str(out)]) == 1  # EC needs calibration data
     assert main(["quantize", model, "-o", str(out), "--no-ec", "--fc-k", "300"]) == 1
@@ -94,7 +94,7 @@ def test_quantize_errors(tmp_path):
 
 
 def test_quantize_net_reports_and_skips():
-    net = qcnn.load(qcnn.resources.DEFAULT_MODEL)
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
     quantized, report = quantize_net(net, overrides={"conv1": None, "fc2": (2, 4)})
     assert [r["name"] for r in report] == ["conv2", "fc1", "fc2"]
     assert quantized.layer("conv1").type == "Convolution"
@@ -135,7 +135,7 @@ def _calibration_images(count=48, seed=0):
 def test_layer_inputs_come_from_the_quantized_net_and_targets_from_the_float_net(monkeypatch):
     import qcnn.compress as compress
 
-    net = qcnn.load(qcnn.resources.DEFAULT_MODEL)
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
     x = _calibration_images(8)
     seen = {}
     original = compress._correct
@@ -164,7 +164,7 @@ def test_layer_inputs_come_from_the_quantized_net_and_targets_from_the_float_net
 
 
 def test_error_correction_lowers_response_error_and_output_error():
-    net = qcnn.load(qcnn.resources.DEFAULT_MODEL)
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
     x = _calibration_images(48)
     reference = net.forward(x)
     errors = {}
@@ -185,7 +185,7 @@ def test_quantize_cli_with_calibration(tmp_path, capsys):
     pixels = (_calibration_images(24)[:, 0] * 255).round().astype(np.uint8)
     np.save(tmp_path / "calib.npy", pixels)
     out, report = tmp_path / "q.qcnn", tmp_path / "report.json"
-    assert main(["quantize", str(qcnn.resources.DEFAULT_MODEL), "--calib", str(tmp_path / "calib.npy"),
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", str(tmp_path / "calib.npy"),
                  "--calib-size", "16", "--ec-iter", "3", "--conv-k", "16", "--fc-k", "16",
                  "-o", str(out), "--report", str(report)]) == 0
     captured = capsys.readouterr()
@@ -199,5 +199,5 @@ def test_quantize_cli_with_calibration(tmp_path, capsys):
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((3, 1, 5, 5), np.float32))
     before = out.read_bytes()
-    assert main(["quantize", str(qcnn.resources.DEFAULT_MODEL), "--calib", str(bad), "-o", str(out)]) == 1
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", str(bad), "-o", str(out)]) == 1
     assert "bad.npy" in capsys.readouterr().err and out.read_bytes() == before

@@ -12,7 +12,7 @@ from scipy.stats import entropy
 import qcnn
 from qcnn.cli import main
 from qcnn.evaluate import accuracy, agreement, probabilities
-from qcnn.resources import DEFAULT_MODEL, WEIGHTS_DIR
+from qcnn.resources import FASHION_MNIST_MODEL, WEIGHTS_DIR
 
 SAMPLES = {"fashion_sneaker.png": 7, "fashion_trouser.png": 1, "fashion_bag.png": 8,
            "fashion_ankle_boot.png": 9}
@@ -46,7 +46,7 @@ def test_accuracy_and_label_range():
 
 
 def test_probabilities_apply_softmax_unless_the_net_ends_in_one():
-    net = qcnn.load(DEFAULT_MODEL)
+    net = qcnn.load(FASHION_MNIST_MODEL)
     scores = np.random.default_rng(0).normal(size=(4, 10)).astype(np.float32)
     last = net.layers[-1]
     if last.type == "Softmax":
@@ -72,24 +72,24 @@ def sample_data(tmp_path):
 
 def test_cli_evaluate_accuracy_and_agreement(sample_data, tmp_path, capsys):
     npz, folders = sample_data
-    assert main(["evaluate", str(DEFAULT_MODEL), str(npz), "--json"]) == 0
+    assert main(["evaluate", str(FASHION_MNIST_MODEL), str(npz), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["samples"] == 4 and result["top1_accuracy"] == 1.0
     quantized = tmp_path / "q.qcnn"
-    assert main(["quantize", str(DEFAULT_MODEL), "--no-ec", "--fc-k", "4", "--conv-k", "4", "--fast-kmeans",
+    assert main(["quantize", str(FASHION_MNIST_MODEL), "--no-ec", "--fc-k", "4", "--conv-k", "4", "--fast-kmeans",
                  "-o", str(quantized), "-q"]) == 0
-    assert main(["evaluate", str(quantized), str(folders), "--reference", str(DEFAULT_MODEL), "--json"]) == 0
+    assert main(["evaluate", str(quantized), str(folders), "--reference", str(FASHION_MNIST_MODEL), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result) >= {"top1_accuracy", "reference_top1_accuracy", "top1_agreement", "mean_kl"}
     assert result["reference_top1_accuracy"] == 1.0 and result["mean_kl"] > 0
-    assert main(["evaluate", str(DEFAULT_MODEL), str(npz), "--reference", str(DEFAULT_MODEL), "--limit", "3"]) == 0
+    assert main(["evaluate", str(FASHION_MNIST_MODEL), str(npz), "--reference", str(FASHION_MNIST_MODEL), "--limit", "3"]) == 0
     out = capsys.readouterr().out
     assert "3 samples" in out and "top1 agreement               100.00%" in out
 
 
 def test_cli_evaluate_errors(tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
-    assert main(["evaluate", str(DEFAULT_MODEL), str(tmp_path / "x.npy")]) == 1
+    assert main(["evaluate", str(FASHION_MNIST_MODEL), str(tmp_path / "x.npy")]) == 1
     assert "no labels in the data" in capsys.readouterr().err
-    assert main(["evaluate", str(DEFAULT_MODEL), str(tmp_path / "nothing")]) == 1
+    assert main(["evaluate", str(FASHION_MNIST_MODEL), str(tmp_path / "nothing")]) == 1
     assert "nothing: no such file" in capsys.readouterr().err

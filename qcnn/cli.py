@@ -368,16 +368,21 @@ def cmd_warmup(args):
         from qcnn.kernels import jit
 
         print(f"Numba cache: {jit.CACHE_DIR} ({jit.CACHE_REASON})", flush=True)
-    report = warmup(progress, only=args.only)
+    from qcnn.warmup import INFERENCE
+
+    only = sorted(set(args.only or []) | (set(INFERENCE) if args.inference else set())) or None
+    report = warmup(progress, only=only)
     kernels = report["kernels"]
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         print()
     elif not args.quiet:
-        counts = {s: sum(v == s for v in kernels.values()) for s in ("compiled", "loaded", "inside", "skipped")}
+        counts = {s: sum(v == s for v in kernels.values())
+                  for s in ("compiled", "loaded", "inside", "inlined", "skipped")}
+        skipped = f", {counts['skipped']} skipped" if counts["skipped"] else ""
         print(f"{len(kernels)} kernels: {counts['compiled']} compiled, {counts['loaded']} loaded from the "
-              f"cache, {counts['inside']} inside cached ones"
-              + (f", {counts['skipped']} skipped" if counts["skipped"] else "") + f"; {report['seconds']:.1f} s")
+              f"cache, {counts['inside'] + counts['inlined']} inside others{skipped}; "
+              f"{report['seconds']:.1f} s")
     unused = [name for name, s in kernels.items() if s == "unused"]
     if unused:
         warnings.warn(f"no warm-up step reaches {short(unused)}: they compile on first use", stacklevel=1)
@@ -477,9 +482,14 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     _add_run_options(p, batch_size=32)
     p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("warmup", help="compile every Numba kernel once, so that later runs start fast")
-    p.add_argument("--only", action="append", choices=["lut", "kmeans", "ec"],
-                   help="only these kernels (repeatable): lut for inference, kmeans and ec for quantize")
+    p.add_argument("--inference", action="store_true",
+                   help="only the kernels that classify and evaluate may need (lut, depthwise), not "
+                        "those of quantize (kmeans, ec)")
+    p.add_argument("--only", action="append", choices=["lut", "depthwise", "kmeans", "ec"],
+                   metavar="MODULE", help="only the kernels of this module (repeatable): lut, depthwise, "
+                   "kmeans, ec")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_warmup)

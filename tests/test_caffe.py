@@ -41,6 +41,7 @@ def small_model(tmp_path):
     return prototxt, caffemodel, net
 
 
+@pytest.mark.arm
 def test_input_declarations_are_equivalent(tmp_path):
     body = 'layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 2 } }'
     variants = [
@@ -54,6 +55,7 @@ def test_input_declarations_are_equivalent(tmp_path):
         assert [s[1] for s in specs] == ["InnerProduct"]
 
 
+@pytest.mark.arm
 def test_train_only_layers_are_dropped_and_weights_round_trip(small_model):
     prototxt, caffemodel, net = small_model
     loaded = qcnn.load_caffe(prototxt, caffemodel, fold_batchnorm=False)
@@ -63,6 +65,7 @@ def test_train_only_layers_are_dropped_and_weights_round_trip(small_model):
             np.testing.assert_array_equal(wa, wb)
 
 
+@pytest.mark.arm
 def test_batchnorm_folding_is_exact_up_to_rounding(small_model):
     prototxt, caffemodel, _ = small_model
     unfolded = qcnn.load_caffe(prototxt, caffemodel, fold_batchnorm=False)
@@ -74,6 +77,7 @@ def test_batchnorm_folding_is_exact_up_to_rounding(small_model):
     np.testing.assert_allclose(b["prob"], a["prob"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.arm
 def test_batchnorm_with_a_second_reader_is_not_folded(tmp_path):
     text = SMALL.replace('layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "conv" }',
                          'layer { name: "bn" type: "BatchNorm" bottom: "conv" top: "bn" }\n'
@@ -104,6 +108,7 @@ def test_v1_caffemodel_with_legacy_dims(tmp_path):
     np.testing.assert_array_equal(loaded.layer("fc8").blobs[1], net.layer("fc8").blobs[1])
 
 
+@pytest.mark.arm
 def test_v1_prototxt_types_and_unknown_fields_warn(tmp_path):
     text = """input: "data" input_dim: 1 input_dim: 2 input_dim: 4 input_dim: 4
     mystery_net_field: 3
@@ -120,6 +125,7 @@ def test_v1_prototxt_types_and_unknown_fields_warn(tmp_path):
     assert any("'colour'" in m and "layer 'r'" in m for m in messages)
 
 
+@pytest.mark.arm
 def test_mean_file(tmp_path):
     mean = np.arange(3 * 4 * 5, dtype=np.float32).reshape(1, 3, 4, 5)
     path = tmp_path / "mean.binaryproto"
@@ -147,6 +153,7 @@ def one_line_error(excinfo, *needles):
         assert needle in message, f"{needle!r} not in {message!r}"
 
 
+@pytest.mark.arm
 @pytest.mark.parametrize("cut", [0.5, 0.999])
 def test_truncated_caffemodel(small_model, tmp_path, cut):
     prototxt, caffemodel, _ = small_model
@@ -158,6 +165,7 @@ def test_truncated_caffemodel(small_model, tmp_path, cut):
     one_line_error(error, str(broken))
 
 
+@pytest.mark.arm
 def test_corrupt_caffemodel(small_model, tmp_path):
     prototxt, caffemodel, _ = small_model
     data = bytearray(caffemodel.read_bytes())
@@ -169,6 +177,7 @@ def test_corrupt_caffemodel(small_model, tmp_path):
     one_line_error(error, str(broken), "not a valid caffemodel")
 
 
+@pytest.mark.arm
 def test_caffemodel_that_is_not_one(small_model, tmp_path):
     prototxt, _, _ = small_model
     with pytest.raises(QcnnError) as error:
@@ -176,6 +185,7 @@ def test_caffemodel_that_is_not_one(small_model, tmp_path):
     one_line_error(error, str(prototxt))
 
 
+@pytest.mark.arm
 def test_unparsable_prototxt(tmp_path):
     path = write(tmp_path, 'layer { name: "x" type: "ReLU" bottom: "data" top: "x"\n')
     with pytest.raises(QcnnError) as error:
@@ -183,6 +193,7 @@ def test_unparsable_prototxt(tmp_path):
     one_line_error(error, str(path), "missing '}'")
 
 
+@pytest.mark.arm
 def test_blob_shape_mismatch(small_model, tmp_path):
     prototxt, caffemodel, _ = small_model
     other = write(tmp_path, SMALL.replace("num_output: 4", "num_output: 6"), "other.prototxt")
@@ -191,6 +202,7 @@ def test_blob_shape_mismatch(small_model, tmp_path):
     one_line_error(error, str(caffemodel), "layer 'conv'", "(4, 3, 3, 3)", "(6, 3, 3, 3)")
 
 
+@pytest.mark.arm
 def test_unknown_layer_type(tmp_path):
     path = write(tmp_path, SMALL.replace('type: "ReLU"', 'type: "Frobnicate"'))
     with pytest.raises(QcnnError) as error:
@@ -198,6 +210,7 @@ def test_unknown_layer_type(tmp_path):
     one_line_error(error, str(path), "layer 'relu'", "unknown layer type 'Frobnicate'")
 
 
+@pytest.mark.arm
 def test_missing_files(small_model, tmp_path):
     prototxt, _, _ = small_model
     with pytest.raises(QcnnError) as error:
@@ -208,6 +221,7 @@ def test_missing_files(small_model, tmp_path):
     one_line_error(error, "nope.caffemodel", "no such file")
 
 
+@pytest.mark.arm
 def test_missing_weights_and_dangling_bottoms(small_model, tmp_path):
     prototxt, caffemodel, _ = small_model
     renamed = write(tmp_path, SMALL.replace('name: "fc"', 'name: "fc_new"'), "renamed.prototxt")
@@ -221,6 +235,7 @@ def test_missing_weights_and_dangling_bottoms(small_model, tmp_path):
     one_line_error(error, "layer 'fc'", "'cnov'")
 
 
+@pytest.mark.arm
 def test_nan_weights_are_refused(small_model, tmp_path):
     prototxt, _, net = small_model
     net.layer("fc").blobs[0][0, 0] = np.nan
@@ -231,6 +246,7 @@ def test_nan_weights_are_refused(small_model, tmp_path):
     one_line_error(error, "layer 'fc'", "NaN")
 
 
+@pytest.mark.arm
 def test_bad_layer_parameters(tmp_path):
     cases = {
         "num_output: 4 kernel_size: 3 pad: 1": "num_output: 4 pad: 1",  # no kernel

@@ -56,6 +56,7 @@ def images(tmp_path):
     return paths
 
 
+@pytest.mark.arm
 def test_convert_stores_preprocessing_and_labels(model):
     net = qcnn.load(model)
     assert net.metadata["labels"] == ["cat", "dog", "bird"]
@@ -64,6 +65,7 @@ def test_convert_stores_preprocessing_and_labels(model):
     assert [layer.type for layer in net.layers] == ["Convolution", "ReLU", "Pooling", "InnerProduct", "Softmax"]
 
 
+@pytest.mark.arm
 def test_classify_json_matches_the_python_api(model, images, capsys):
     assert main(["classify", *images, "--model", str(model), "--top", "2", "--json", "--batch-size", "3"]) == 0
     document = json.loads(capsys.readouterr().out)
@@ -78,6 +80,7 @@ def test_classify_json_matches_the_python_api(model, images, capsys):
         assert top[0]["probability"] == pytest.approx(float(p.max()), rel=1e-6)
 
 
+@pytest.mark.arm
 def test_classify_table_and_info(model, images, capsys):
     assert main(["classify", images[0], "--model", str(model), "--top", "3"]) == 0
     out = capsys.readouterr().out
@@ -91,6 +94,7 @@ def test_classify_table_and_info(model, images, capsys):
     assert info["total"]["params"] == 4 * 27 + 4 + 4 * 3 + 3
 
 
+@pytest.mark.arm
 def test_info_on_a_prototxt(caffe_files, capsys):
     prototxt, caffemodel, _ = caffe_files
     assert main(["info", str(prototxt), "--weights", str(caffemodel), "--json"]) == 0
@@ -155,6 +159,7 @@ def test_cli_errors_are_one_line_and_leave_no_file(caffe_files, model, images, t
                             "2 labels for 3 classes")
 
 
+@pytest.mark.arm
 def test_help_lists_subcommands():
     result = run_cli("--help")
     assert result.returncode == 0
@@ -162,6 +167,7 @@ def test_help_lists_subcommands():
         assert command in result.stdout
 
 
+@pytest.mark.arm
 def test_bundled_default_model_classifies_its_samples(capsys):
     from qcnn import resources
     samples = sorted((resources.WEIGHTS_DIR / "samples").glob("fashion_*.png"))

@@ -13,6 +13,7 @@ def gradient_rgb(width=40, height=30):
     return np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 77)], -1).astype(np.uint8)
 
 
+@pytest.mark.arm
 def test_bgr_order_mean_and_scale():
     rgb = gradient_rgb(8, 8)
     out = to_array(Image.fromarray(rgb), (3, 8, 8), {"channel_order": "BGR", "mean": [1, 2, 3], "scale": 0.5})
@@ -23,6 +24,7 @@ def test_bgr_order_mean_and_scale():
     np.testing.assert_allclose(rgb_out[0], rgb[..., 0])
 
 
+@pytest.mark.arm
 def test_resize_shorter_side_then_centre_crop():
     rgb = np.zeros((100, 200, 3), np.uint8)
     rgb[:, 90:110] = 255  # a bright band in the centre
@@ -33,6 +35,7 @@ def test_resize_shorter_side_then_centre_crop():
     assert squash[:, :, 0].max() < 1 and squash[:, :, 25].min() > 200
 
 
+@pytest.mark.arm
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P", "LA", "CMYK", "I;16"])
 def test_image_modes_load_as_three_or_one_channels(tmp_path, mode):
     base = Image.fromarray(gradient_rgb())
@@ -53,6 +56,7 @@ def test_jpeg_photo(photos):
     assert batch.shape == (2, 3, 224, 224) and abs(float(batch.mean())) < 100
 
 
+@pytest.mark.arm
 def test_bad_files(tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
@@ -67,6 +71,7 @@ def test_bad_files(tmp_path):
         open_image(truncated)
 
 
+@pytest.mark.arm
 def test_preprocess_validation():
     with pytest.raises(QcnnError, match="mean has 2 values"):
         check_preprocess({"mean": [1, 2]}, 3)

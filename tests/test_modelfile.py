@@ -98,6 +98,7 @@ def test_header_with_unknown_layer_type(small_file):
         modelfile.load(path)
 
 
+@pytest.mark.arm
 def test_missing_file(tmp_path):
     with pytest.raises(QcnnError, match="no such file"):
         qcnn.load(tmp_path / "none.qcnn")

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 from qcnn.errors import QcnnError
 from qcnn.io import protobuf
 
+pytestmark = pytest.mark.arm  # also run on aarch64 (.ci/arm64)
+
 INNER = {1: ("dims", "int64s")}
 SCHEMA = {1: ("count", "varint"), 2: ("name", "string"), 3: ("values", "floats"),
           4: ("inner", INNER), 5: ("ratio", "float"), 6: ("precise", "doubles"), 7: ("big", "double")}

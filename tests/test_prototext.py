@@ -5,6 +5,8 @@ import pytest
 from qcnn.errors import QcnnError
 from qcnn.io.prototext import Ident, parse, parse_file
 
+pytestmark = pytest.mark.arm  # also run on aarch64 (.ci/arm64)
+
 
 def test_fields_messages_comments_and_lists():
     text = '''

@@ -11,6 +11,8 @@ from qcnn.layers.conv import convolve
 from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct, choose_kernel
 from qcnn.quantization.pq import decode
 
+pytestmark = pytest.mark.arm  # also run on aarch64 (.ci/arm64)
+
 
 @st.composite
 def conv_cases(draw):

@@ -59,7 +59,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from qcnn.kernels.jit import serial_and_parallel
+from qcnn.kernels.jit import readonly, serial_and_parallel
 from qcnn.kernels.simd import LANES, vload, vload_n, vmuladd, vphase, vsplat, vstore
 
 BLOCK = 4 * LANES  # frame lanes whose accumulators stay in registers through all taps
@@ -243,9 +243,10 @@ def depthwise_conv(x, weight, bias, stride, pad, dilation, multiplier, parallel=
         for kx in range(kw):
             qx, rx = divmod(kx * dw, sw)
             shifts[ky * kw + kx] = (ry * sw + rx) * phase + qy * wq + qx
-    weights = np.ascontiguousarray(weight, np.float32).reshape(-1)
-    bias = np.zeros(c_out, np.float32) if bias is None else \
-        np.ascontiguousarray(bias, np.float32).reshape(c_out)
+    # read-only, as a loaded model's: one compiled signature for every caller
+    weights = readonly(np.ascontiguousarray(weight, np.float32).reshape(-1))
+    bias = readonly(np.zeros(c_out, np.float32) if bias is None else
+                    np.ascontiguousarray(bias, np.float32).reshape(c_out))
     planes = n * c
     threads = _threads(parallel)
     if blocks is None:

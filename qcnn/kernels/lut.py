@@ -71,7 +71,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from qcnn.kernels.jit import serial_and_parallel
+from qcnn.kernels.jit import readonly, serial_and_parallel
 from qcnn.kernels.simd import LANES, prefetch, vadd, vload, vmuladd, vsplat, vstore, vzero
 
 # frames are padded to a multiple of LANES (float32 lanes per vector, from qcnn.kernels.simd)
@@ -607,7 +607,7 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
     if not isinstance(kernel_codes, PreparedCodes):
         kernel_codes = prepare_codes(kernel_codes, group)
     padded = np.ascontiguousarray(padded, np.float32)
-    codebooks = np.ascontiguousarray(codebooks, np.float32)
+    codebooks = readonly(np.ascontiguousarray(codebooks, np.float32))  # one signature, as loaded models'
     n, c, hp, wp = padded.shape
     (kh, kw), c_out = kernel_codes.kernel, kernel_codes.codes.shape[0]
     ho, wo = out_size

@@ -57,6 +57,8 @@ def main(argv=None):
     parser.add_argument("--heldout-per-photo", type=int, default=20)
     parser.add_argument("--samples", type=int, default=8192, help="rows per layer for error correction")
     parser.add_argument("--ec-iter", type=int, default=20)
+    parser.add_argument("--ec-ridge", type=float, default=1e-6,
+                        help="proximal ridge of the codebook step, relative to the mean Gram diagonal")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save", metavar="DIR", help="keep the quantized models here")
     parser.add_argument("--seed", type=int, default=0)
@@ -87,7 +89,7 @@ def main(argv=None):
             start = time.perf_counter()
             quantized, report = quantize_net(net, kinds["conv"], kinds["fc"], depthwise=kinds["depthwise"],
                                              seed=args.seed, calibration=calibration, error_correction=ec,
-                                             max_samples=args.samples, ec_options={"max_iter": args.ec_iter})
+                                             max_samples=args.samples, ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge})
             seconds = time.perf_counter() - start
             probs, photo_probs = run(quantized)
             total = sum(r["bytes"] for r in quantized.summary())

@@ -300,6 +300,15 @@ def _add_singles(table, base, w0, w1, s0, s1, s2, s3, s4, s5, s6, s7):
 
 
 @numba.njit(cache=True, nogil=True, inline="always", **_JIT)
+def _job_groups(job, t_chunks, n_groups8):
+    """Sample ``n`` and output groups ``q0 .. q1-1`` of parallel job ``job`` (``t_chunks`` jobs
+    per sample split its ``n_groups8`` groups of 8 outputs evenly)."""
+    g_size = (n_groups8 + t_chunks - 1) // t_chunks
+    q0 = (job % t_chunks) * g_size
+    return job // t_chunks, q0, min(n_groups8, q0 + g_size)
+
+
+@numba.njit(cache=True, nogil=True, inline="always", **_JIT)
 def _load8(acc, o):
     """The 8 running sums of one output group, as scalars (kept in registers)."""
     u1 = np.uint64(1)
@@ -378,11 +387,8 @@ def _fc_tables(x, books, codes, pairs, width, t_chunks, out):
     n_blocks = codes.shape[0] // (n_groups8 * PAIR_BLOCK * words_per_group)
     n_words = books.shape[2]
     size = PAIR_SIZE if pairs else width
-    g_size = (n_groups8 + t_chunks - 1) // t_chunks
     for job in prange(n_batch * t_chunks):
-        n = job // t_chunks
-        q0 = (job % t_chunks) * g_size
-        q1 = min(n_groups8, q0 + g_size)
+        n, q0, q1 = _job_groups(job, t_chunks, n_groups8)
         xn = x[n]
         acc = out[n]
         tables = np.zeros(PAIR_BLOCK * size + SLACK, np.float32)
@@ -484,11 +490,8 @@ def _fc_pairs8(xt, books, codes, t_chunks, out):
     n_groups8 = out.shape[1] // (8 * LANES)
     n_blocks = codes.shape[0] // (n_groups8 * PAIR_BLOCK * 4)
     n_words = books.shape[2]
-    g_size = (n_groups8 + t_chunks - 1) // t_chunks
     for job in prange(n_chunks * t_chunks):
-        n = job // t_chunks
-        q0 = (job % t_chunks) * g_size
-        q1 = min(n_groups8, q0 + g_size)
+        n, q0, q1 = _job_groups(job, t_chunks, n_groups8)
         xn = xt[n]
         acc = out[n]
         tables = np.zeros(PAIR_BLOCK * PAIR_SIZE * LANES + SLACK, np.float32)

@@ -166,6 +166,7 @@ def cmd_quantize(args):
         net, (args.conv_subdim, args.conv_k), (args.fc_subdim, args.fc_k), overrides,
         shared_codebook=not args.per_group_codebooks, seed=args.seed, kernel=args.kernel,
         depthwise=(args.conv_subdim, args.conv_k) if args.depthwise == "conv" else args.depthwise,
+        codebook_dtype="float16" if args.half_codebooks else "float32",
         calibration=calibration, error_correction=not args.no_ec, max_samples=args.samples,
         ec_options={"max_iter": args.ec_iter}, monotone=not args.fast_kmeans,
         progress=_Progress(sys.stderr, not (args.json or args.quiet)))
@@ -446,6 +447,8 @@ def build_parser():
     p.add_argument("--layer", action="append", type=_layer_override, metavar="NAME=SUBDIM,K",
                    help="settings of one layer (repeatable); NAME=float leaves it unquantized")
     p.add_argument("--skip", action="append", metavar="NAME", help="leave this layer float (repeatable)")
+    p.add_argument("--half-codebooks", action="store_true",
+                   help="store codebooks as float16 (half their bytes)")
     p.add_argument("--per-group-codebooks", action="store_true",
                    help="one codebook per group of a grouped conv (default: shared, as the authors)")
     p.add_argument("--kernel", choices=["auto", "lut", "dense"], default="auto",

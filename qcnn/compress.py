@@ -70,7 +70,8 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
 
 
 def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook=True, seed=0,
-                 kernel="auto", depthwise=(8, 128), calibration=None, error_correction=True, max_samples=8192,
+                 kernel="auto", depthwise=(8, 128), codebook_dtype="float32", calibration=None,
+                 error_correction=True, max_samples=8192,
                  max_patch_values=2 ** 26, ec_options=None, progress=None, **kmeans_options):
     """Product-quantize the conv and inner-product layers of ``net``, in order.
 
@@ -93,6 +94,10 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         Seed of k-means and of the sampled positions (layer i uses ``seed + i``).
     kernel : {"auto", "lut", "dense"}
         Stored in the quantized layers: how they run.
+    codebook_dtype : {"float32", "float16"}
+        Precision of the stored codebooks; float16 halves their bytes (the codebooks
+        are rounded to it before error correction's result is used, so the model in
+        memory equals the saved one).
     calibration : ndarray (N, C, H, W) or dict of str -> ndarray, optional
         Unlabeled network inputs, preprocessed.
     error_correction : bool
@@ -140,7 +145,8 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         if progress is not None:
             progress("layer", {"name": layer.name, "position": len(report) + 1, "count": count})
         start = time.perf_counter()
-        new, row = _quantize_layer(layer, settings, shared_codebook, kernel, seed + index, kmeans_options)
+        new, row = _quantize_layer(layer, settings, shared_codebook, kernel, codebook_dtype, seed + index,
+                                   kmeans_options)
         if calibration is not None:
             rng = np.random.default_rng(seed + index)
             inputs, targets = _samples(new, q_in[0], f_out[0], rng, max_samples, max_patch_values)
@@ -202,16 +208,17 @@ def _forward_in_chunks(layer, inputs, chunk=32):
     return [np.concatenate(outs) for outs in zip(*parts)]
 
 
-def _quantize_layer(layer, settings, shared_codebook, kernel, seed, kmeans_options):
+def _quantize_layer(layer, settings, shared_codebook, kernel, codebook_dtype, seed, kmeans_options):
     """k-means product quantization of one layer: the new layer and its report row."""
     subdim, k = settings
     weight = layer.blobs[0]
     params = {**layer.params, "subdim": subdim, "num_codewords": k,
-              "shared_codebook": shared_codebook, "kernel": kernel}
+              "shared_codebook": shared_codebook, "kernel": kernel, "codebook_dtype": codebook_dtype}
     if isinstance(layer, InnerProduct) and layer.transpose:
         weight, params["transpose"] = weight.T, False
     group = getattr(layer, "group", 1)
     codebooks, codes = quantize_weight(weight, group, subdim, k, shared_codebook, seed, **kmeans_options)
+    codebooks = _rounded(codebooks, codebook_dtype)
     new = _QUANTIZED[type(layer)](layer.name, layer.bottoms, layer.tops,
                                   [codebooks, codes] + layer.blobs[1:], **params)
     new.input_shapes, new.output_shapes_ = layer.input_shapes, layer.output_shapes_
@@ -223,6 +230,11 @@ def _quantize_layer(layer, settings, shared_codebook, kernel, seed, kmeans_optio
            "bytes_before": layer.storage_bytes(), "macs_before": int(layer.macs(shapes)),
            "weight_error": _relative(decode(codebooks, codes, channels).reshape(weight.shape) - weight, weight)}
     return new, row
+
+
+def _rounded(codebooks, dtype):
+    """Codebooks as float32 holding values exactly representable in ``dtype`` (how they are stored)."""
+    return codebooks if dtype == "float32" else codebooks.astype(dtype).astype(np.float32)
 
 
 def _relative(error, reference):
@@ -292,7 +304,7 @@ def _correct(layer, inputs, targets, error_correction, ec_options, progress):
                                    "max_iter": options.get("max_iter"), "objective": value})
 
     result = error_correct(inputs, targets, codebooks, codes, group, progress=report, **options)
-    layer.blobs[0], layer.blobs[1] = result.codebooks, result.codes
+    layer.blobs[0], layer.blobs[1] = _rounded(result.codebooks, layer.params["codebook_dtype"]), result.codes
     layer.check_blobs(layer.input_shapes)
-    after = objective(inputs, targets, result.codebooks, result.codes, group)
+    after = objective(inputs, targets, layer.blobs[0], result.codes, group)
     return {**row, "response_error": float(np.sqrt(after / scale)), "iterations": result.iterations}

@@ -201,3 +201,26 @@ def test_quantize_cli_with_calibration(tmp_path, capsys):
     before = out.read_bytes()
     assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", str(bad), "-o", str(out)]) == 1
     assert "bad.npy" in capsys.readouterr().err and out.read_bytes() == before
+
+
+def test_half_codebooks_halve_codebook_bytes_and_round_trip(tmp_path):
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
+    x = _calibration_images(8)
+    full, _ = quantize_net(net, conv=(4, 16), fc=(4, 16), seed=2, calibration=x, ec_options={"max_iter": 2})
+    half, report = quantize_net(net, conv=(4, 16), fc=(4, 16), seed=2, calibration=x, codebook_dtype="float16",
+                                ec_options={"max_iter": 2})
+    for row in report:
+        a, b = full.layer(row["name"]), half.layer(row["name"])
+        assert a.storage_bytes() - b.storage_bytes() == b.blobs[0].size * 2
+        books = b.blobs[0]
+        np.testing.assert_array_equal(books, books.astype(np.float16).astype(np.float32))
+        # EC result rounded to float16 afterwards: allowed to move by float16 precision
+        assert row["response_error"] <= row["response_error_kmeans"] * (1 + 1e-3)
+    path = tmp_path / "half.qcnn"
+    qcnn.save(half, path)
+    loaded = qcnn.load(path)
+    qcnn.save(full, tmp_path / "full.qcnn")
+    assert path.stat().st_size < (tmp_path / "full.qcnn").stat().st_size
+    np.testing.assert_array_equal(loaded.forward(x)["prob"], half.forward(x)["prob"])
+    assert loaded.layer("fc1").params["codebook_dtype"] == "float16"
+    assert main(["info", str(path), "--json"]) == 0

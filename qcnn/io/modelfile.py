@@ -49,11 +49,11 @@ def save(net, path):
     for layer in net.layers:
         blobs = []
         for blob, bits in zip(layer.blobs, layer.blob_storage()):
-            array = np.ascontiguousarray(blob)
+            array = np.ascontiguousarray(blob, np.float16 if bits == "float16" else None)
             if array.dtype.name not in _DTYPES:
                 array = array.astype(np.float32)
             entry = {"dtype": array.dtype.name, "shape": list(array.shape), "offset": offset}
-            if bits is not None:
+            if isinstance(bits, int):
                 entry["packed_bits"] = int(bits)
                 array = pack_codes(array, bits)
             blobs.append(entry)

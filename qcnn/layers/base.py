@@ -117,14 +117,15 @@ class Layer:
         # Aligned and contiguous: views into a file buffer can be misaligned, and BLAS
         # refuses misaligned arrays (NumPy then falls back to loops 20x slower). Weights are
         # float32; blobs stored bit-packed (integer codes) are uint8.
-        self.blobs = [np.require(b.reshape(e), np.float32 if bits is None else np.uint8, ("C", "A"))
+        self.blobs = [np.require(b.reshape(e), np.uint8 if isinstance(bits, int) else np.float32, ("C", "A"))
                       for b, e, bits in zip(self.blobs, expected, self.blob_storage())]
         for i, b in enumerate(self.blobs):
             if b.dtype == np.float32 and not np.isfinite(b).all():
                 raise self.error(f"weight blob {i} contains NaN or infinite values")
 
     def blob_storage(self):
-        """Per blob: bits per value when stored bit-packed (integer codes), else None."""
+        """Per blob: bits per value when stored bit-packed (integer codes), "float16" when
+        stored in half precision, else None (stored as is)."""
         return [None] * len(self.blobs)
 
     def storage_bytes(self):

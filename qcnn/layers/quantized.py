@@ -25,7 +25,8 @@ from qcnn.quantization.pq import storage_bytes as pq_storage_bytes
 
 KERNELS = ("auto", "lut", "dense")
 PQ_DEFAULTS = {"subdim": 8, "num_codewords": 128, "shared_codebook": True, "kernel": "auto",
-               "parallel": True}
+               "parallel": True, "codebook_dtype": "float32"}
+CODEBOOK_DTYPES = ("float32", "float16")
 
 
 class _ProductQuantized:
@@ -40,6 +41,8 @@ class _ProductQuantized:
                              f"{p['subdim']} and {p['num_codewords']}")
         if p["kernel"] not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {p['kernel']!r}")
+        if p["codebook_dtype"] not in CODEBOOK_DTYPES:
+            raise ValueError(f"codebook_dtype must be float32 or float16, got {p['codebook_dtype']!r}")
 
     def _pq_blob_shapes(self, channels, group, kernel):
         p = self.params
@@ -64,14 +67,17 @@ class _ProductQuantized:
         self._kernel_codes = None
 
     def blob_storage(self):
-        """Per blob: bits per stored value (codes are bit-packed) or None (stored as is)."""
-        return [None, code_bits(self.params["num_codewords"]), None][:len(self.blobs)]
+        """Per blob: bits per stored value of the bit-packed codes, "float16" for half-precision
+        codebooks, or None (stored as is)."""
+        books = "float16" if self.params["codebook_dtype"] == "float16" else None
+        return [books, code_bits(self.params["num_codewords"]), None][:len(self.blobs)]
 
     def storage_bytes(self):
-        """Bytes on disk: float32 codebooks and biases, codes at ceil(log2 K) bits."""
+        """Bytes on disk: codebooks (float32 or float16), float32 biases, codes at ceil(log2 K) bits."""
         books, m, k, subdim = self.blobs[0].shape
         c_out, kh, kw, _ = self.blobs[1].shape
-        return pq_storage_bytes((c_out, m * subdim, kh, kw), books, subdim, k, shared=books == 1) \
+        return pq_storage_bytes((c_out, m * subdim, kh, kw), books, subdim, k, shared=books == 1,
+                                codebook_bytes=2 if self.params["codebook_dtype"] == "float16" else 4) \
             + int(sum(b.nbytes for b in self.blobs[2:]))
 
     def decoded_weight(self, channels):

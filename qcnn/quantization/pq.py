@@ -32,15 +32,17 @@ def code_bits(num_codewords):
     return max(1, math.ceil(math.log2(num_codewords)))
 
 
-def storage_bytes(weight_shape, group, subdim, num_codewords, shared=True):
-    """Bytes of float32 codebooks plus codes at ``code_bits(K)`` bits (biases not included).
+def storage_bytes(weight_shape, group, subdim, num_codewords, shared=True, codebook_bytes=4):
+    """Bytes of the codebooks plus codes at ``code_bits(K)`` bits (biases not included).
 
-    The paper's accounting: 4 * C_s * K (per codebook) + C_t * kh * kw * M * log2(K) / 8.
+    The paper's accounting: 4 * C_s * K (per codebook, float32) + C_t * kh * kw * M * log2(K) / 8;
+    ``codebook_bytes=2`` for float16 codebooks.
     """
     c_out, channels, kh, kw = weight_shape
     m = num_subspaces(channels, subdim)
     books = 1 if shared else group
-    return 4 * books * m * num_codewords * subdim + -(-c_out * kh * kw * m * code_bits(num_codewords) // 8)
+    return codebook_bytes * books * m * num_codewords * subdim + \
+        -(-c_out * kh * kw * m * code_bits(num_codewords) // 8)
 
 
 def subvectors(weight, group, subdim, shared=True):

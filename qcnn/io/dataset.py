@@ -69,7 +69,7 @@ class Dataset:
         return Dataset(self.source, items, self.input_shape, self.preprocess, labels)
 
     def sample(self, count, seed=0):
-        """A seeded random subset of ``count`` items (all of them, shuffled, if fewer)."""
+        """A seeded random subset of ``count`` items, in their original order (all, if fewer)."""
         order = np.random.default_rng(seed).permutation(len(self))
         return self.subset(np.sort(order[:count]))
 

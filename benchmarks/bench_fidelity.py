@@ -53,6 +53,8 @@ def main(argv=None):
     parser.add_argument("--name", default="model", help="names the JSON and PNG files")
     parser.add_argument("--settings", nargs="+", default=["conv=8,128 fc=4,32"])
     parser.add_argument("--no-ec-too", action="store_true", help="also quantize without error correction")
+    parser.add_argument("--no-ec", action="store_true", help="only quantize without error correction")
+    parser.add_argument("--fast-kmeans", action="store_true", help="plain k-means++/Lloyd (qcnn quantize --fast-kmeans)")
     parser.add_argument("--calib-per-photo", type=int, default=16)
     parser.add_argument("--heldout-per-photo", type=int, default=20)
     parser.add_argument("--samples", type=int, default=8192, help="rows per layer for error correction")
@@ -85,11 +87,12 @@ def main(argv=None):
     rows = []
     for text in args.settings:
         kinds = parse_setting(text)
-        for ec in ((False, True) if args.no_ec_too else (True,)):
+        for ec in (False,) if args.no_ec else (False, True) if args.no_ec_too else (True,):
             start = time.perf_counter()
             quantized, report = quantize_net(net, kinds["conv"], kinds["fc"], depthwise=kinds["depthwise"],
                                              seed=args.seed, calibration=calibration, error_correction=ec,
-                                             max_samples=args.samples, ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge})
+                                             max_samples=args.samples, monotone=not args.fast_kmeans,
+                                             ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge})
             seconds = time.perf_counter() - start
             probs, photo_probs = run(quantized)
             total = sum(r["bytes"] for r in quantized.summary())

@@ -22,6 +22,8 @@ from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct
 from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage_bytes
 
 _QUANTIZED = {Convolution: QuantizedConvolution, InnerProduct: QuantizedInnerProduct}
+# Error correction keeps G * L^2 float64 statistics per layer (AlexNet fc6: 0.7 GB, VGG fc6: 5 GB).
+MAX_EC_GRAM_BYTES = 4 * 2**30
 
 
 def is_depthwise(layer):
@@ -296,6 +298,11 @@ def _correct(layer, inputs, targets, error_correction, ec_options, progress):
     row = {"samples": int(targets.shape[0]), "response_error_kmeans": float(np.sqrt(before / scale))}
     if not error_correction:
         return {**row, "response_error": row["response_error_kmeans"], "iterations": 0}
+    _, m, _, subdim = codebooks.shape
+    gram_bytes = 8 * group * (m * subdim * codes.shape[1] * codes.shape[2]) ** 2
+    if gram_bytes > MAX_EC_GRAM_BYTES:  # the solver's float64 statistics G * L^2 (L = M P C'_s)
+        raise QcnnError(f"layer '{layer.name}': error correction would need {gram_bytes / 2**30:.1f} GiB "
+                        f"for its statistics; quantize it without (--no-ec) or leave it float (--skip)")
     options = dict(ec_options or {})
 
     def report(iteration, value):

@@ -96,10 +96,12 @@ conv = (rng.standard_normal((1, 8, 6, 6)).astype(np.float32),
 fc = (rng.standard_normal((1, 8, 1, 1)).astype(np.float32),
       rng.standard_normal((1, 2, 16, 4)).astype(np.float32),
       rng.integers(0, 16, (4, 1, 1, 2)).astype(np.uint8), 1)
+fc64 = (fc[0], rng.standard_normal((1, 2, 64, 4)).astype(np.float32), fc[2], 1)  # K > 32: single tables
 for parallel in (False, True):
     suffix = "parallel" if parallel else "serial"
     first_call("frame_conv_" + suffix, *conv, parallel)
-    first_call("fc_tables_" + suffix, *fc, parallel)
+    first_call(("fc_shuffle_" if lut.SHUFFLE_ISA else "fc_tables_pairs_") + suffix, *fc, parallel)
+    first_call("fc_tables_" + suffix, *fc64, parallel)
     first_call("fc_pairs8_" + suffix, np.repeat(fc[0], lut.FC_PAIRS8_MIN_BATCH, axis=0), *fc[1:], parallel)
 print(json.dumps({"import_s": t_import, "first_calls_s": calls,
                   "total_s": time.perf_counter() - t0}))

@@ -9,11 +9,16 @@ an output is bounded by ``(subdim + M*kh*kw) * 2**-24`` times ``sum |w| |x|`` ov
 convolution run on absolute values.
 
 All kernels are covered (the frame kernel for convolutions and batched inner products with
-K > 32, the scalar pair kernel for inner products of one sample -- pair (K <= 32) and single
-(K > 32) modes, the latter for up to FC_GATHER_MAX_BATCH samples -- and the 8-sample pair kernel
-for batches with K <= 32, including partial chunks of 8), serial and parallel, over shapes, subdim (C_s divisible by it or not), K (1..256),
-stride, padding, dilation, groups (shared and per-group codebooks) and batch.
+K > 32; for inner products the byte-shuffle kernel (K <= 32, up to FC_SHUFFLE_MAX_BATCH samples,
+where the CPU has it), the scalar pair kernel -- pair (K <= 32, the path of CPUs without byte
+shuffles, forced here by setting ``lut.SHUFFLE_ISA`` to None) and single (K > 32, up to
+FC_GATHER_MAX_BATCH samples) modes -- and the 8-sample pair kernel for batches with K <= 32,
+including partial chunks of 8), serial and parallel, over shapes, subdim (C_s divisible by it or
+not), K (1..256), stride, padding, dilation, groups (shared and per-group codebooks) and batch.
 """
+
+import platform
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,11 +56,15 @@ def check_lut(x, books, codes, group, stride, pad, dilation, prepared=None):
     padded = pad_for_windows(x, (kh, kw), stride, pad, dilation, out_size)
     prepared = lut.prepare_codes(codes, group) if prepared is None else prepared
     bound = 4 * EPS32 * (subdim + m * kh * kw) * scale + 1e-30
-    for parallel in (False, True):
-        out = lut.lut_conv(padded, books, prepared, group, stride, dilation, out_size, parallel=parallel)
-        assert out.dtype == np.float32 and out.shape == ref.shape
-        err = np.abs(out - ref)
-        assert np.all(err <= bound), (parallel, float(err.max()), float((err / bound).max()))
+    one_position = padded.shape[2:] == (1, 1) and (kh, kw) == (1, 1)
+    for isa in dict.fromkeys([lut.SHUFFLE_ISA, None] if one_position else [lut.SHUFFLE_ISA]):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(lut, "SHUFFLE_ISA", isa)
+            for parallel in (False, True):
+                out = lut.lut_conv(padded, books, prepared, group, stride, dilation, out_size, parallel=parallel)
+                assert out.dtype == np.float32 and out.shape == ref.shape
+                err = np.abs(out - ref)
+                assert np.all(err <= bound), (isa, parallel, float(err.max()), float((err / bound).max()))
 
 
 @st.composite
@@ -89,7 +98,9 @@ def test_conv_matches_dense(case):
 def inner_product_cases(draw):
     gather = lut.FC_GATHER_MAX_BATCH  # the largest batch of the scalar kernel for K > 32
     pairs8 = lut.FC_PAIRS8_MIN_BATCH  # the smallest batch of the 8-sample kernel for K <= 32
-    return dict(n=draw(st.sampled_from(sorted({1, 2, pairs8 - 1, pairs8, gather, gather + 1, 9}))), channels=draw(st.integers(1, 80)),
+    shuffle = lut.FC_SHUFFLE_MAX_BATCH  # the largest batch of the byte-shuffle kernel
+    batches = {1, 2, pairs8 - 1, pairs8, gather, gather + 1, shuffle, shuffle + 1, 9}
+    return dict(n=draw(st.sampled_from(sorted(batches))), channels=draw(st.integers(1, 80)),
                 c_out=draw(st.integers(1, 40)), subdim=draw(st.integers(1, 5)),
                 k=draw(st.sampled_from([1, 2, 5, 16, 31, 32, 33, 64, 256])),
                 seed=draw(st.integers(0, 2**32 - 1)))
@@ -131,10 +142,12 @@ def test_conv_shapes(shape):
 
 def test_inner_product_large_and_padded():
     """fc-like sizes: odd M (a padding subspace in the last pair), C_t not a multiple of 8,
-    several pair-table blocks; pair (K=32) and single (K=64) modes; batch 1, 11 (a partial chunk
-    of 8 samples) and 16."""
+    several pair-table blocks and byte-shuffle blocks (the last one partial); byte-shuffle
+    narrow (K=16) and wide (K=32), pair (K=32) and single (K=64) modes; batch 1, 11 (a partial
+    chunk of 8 samples) and 16."""
     rng = np.random.default_rng(2)
-    for k in (32, 64):
+    assert 4 * 37 * 4 // 4 > lut.SHUFFLE_BLOCK
+    for k in (16, 32, 64):
         x, books, codes = make_case(rng, 16, 1, 4 * 37 * 4 + 2, 37, (1, 1), 4, k, False, (1, 1))
         prepared = lut.prepare_codes(codes, 1)
         for n in (1, 11, 16):
@@ -160,3 +173,13 @@ def test_output_sizes_smaller_than_the_padded_input():
         check_lut(x, books, codes, 1, stride, (0, 0), (1, 1))
         out_size = tuple(conv_output_size(s, kk, st_, 0, 1) for s, kk, st_ in zip(hw, kernel, stride))
         assert out_size[0] >= 1 and out_size[1] >= 1
+
+
+def test_byte_shuffles_are_used_where_the_cpu_has_them():
+    """x86-64 with AVX2 and every aarch64 take the byte-shuffle path (else it would go untested)."""
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        assert lut.SHUFFLE_ISA == "neon"
+    elif machine in ("x86_64", "amd64"):
+        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+        assert lut.SHUFFLE_ISA == ("avx2" if flags and "avx2" in flags[0].split() else None)

@@ -36,10 +36,23 @@ adds, no gathers, eight lookups per instruction. The frame has ``Wq - Wo`` junk 
   are only split, at the cost of building the same tables twice, when there are fewer
   (samples x groups) than threads.
 
-Inner products of one sample: the pair kernel (:func:`_fc_tables`)
+Inner products of one sample: byte shuffles (:func:`_fc_shuffle`)
 ------------------------------------------------------------------
-With one sample there is no run of positions to vectorise over. Vector gathers (AVX2
-``vgatherdps``) are slower than scalar loads on the AMD EPYC (Zen 3) this was measured on
+With one sample there is no run of positions to vectorise over, so the lookups themselves must
+be vectorised. For K <= 32 each subspace's table is stored as four byte planes (byte p of every
+entry, :func:`qcnn.kernels.simd.store_planes`); one byte shuffle (AVX2 ``vpshufb``, two for
+K > 16; NEON ``tbl`` on aarch64) looks up 32 codes in a plane, and two rounds of interleaves
+rebuild the 32 float32 entries exactly (:func:`qcnn.kernels.simd.add_lookups`): about 26
+instructions per 32 lookups, against ~3 per lookup below. The codes of 32 outputs x one subspace
+are 32 contiguous bytes, stored (:meth:`PreparedCodes.shuffle`) in the order in which the
+interleaves deliver the results, per block of SHUFFLE_BLOCK subspaces whose tables (16 KiB) stay
+in L1 while all outputs stream their codes, prefetched SHUFFLE_PREFETCH bytes ahead. The sums
+are the same float32 sums as the other kernels'. Up to FC_SHUFFLE_MAX_BATCH samples run one at a
+time; larger batches go to the 8-sample pair kernel below.
+
+Inner products of one sample without byte shuffles, or K > 32: the pair kernel (:func:`_fc_tables`)
+---------------------------------------------------------------------------------------------------
+Vector gathers (AVX2 ``vgatherdps``) are slower than scalar loads on the AMD EPYC (Zen 3) this was measured on
 (0.45 vs 0.3-0.37 ns per lookup with the tables in L1) and LLVM does not emit them for it, so
 the kernel is scalar and cuts the number of lookups instead: two subspaces m, m+1 with
 K <= PAIR_WIDTH = 32 codewords are merged into one table of 32*32 entries
@@ -72,7 +85,23 @@ import numpy as np
 from numba import prange
 
 from qcnn.kernels.jit import readonly, serial_and_parallel
-from qcnn.kernels.simd import LANES, prefetch, vadd, vload, vmuladd, vsplat, vstore, vzero
+from qcnn.kernels.simd import (
+    LANES,
+    SHUFFLE_ISA,
+    SHUFFLE_OUTPUTS,
+    SHUFFLE_POSITION,
+    TABLE_ENTRIES,
+    add_lookups,
+    prefetch,
+    store_planes,
+    table_bytes,
+    vadd,
+    vload,
+    vmuladd,
+    vsplat,
+    vstore,
+    vzero,
+)
 
 # frames are padded to a multiple of LANES (float32 lanes per vector, from qcnn.kernels.simd)
 SLACK = 64  # zeroed floats after every table block and input copy: vector reads may run past a row
@@ -86,6 +115,11 @@ FC_PREFETCH = 512  # the inner-product kernel prefetches its code stream this ma
 FC_GATHER_MAX_BATCH = 4  # K > PAIR_WIDTH: inner products of at most this many samples use the
 # scalar single-table kernel (per sample), larger batches the frame kernel
 FC_PAIRS8_MIN_BATCH = 3  # K <= PAIR_WIDTH: from this batch on, pair tables of 8-sample vectors
+FC_SHUFFLE_MAX_BATCH = 3  # K <= TABLE_ENTRIES, SHUFFLE_ISA: inner products of up to this many samples
+# use the byte-shuffle kernel (per sample; the 8-sample pair tables win from 4 samples on)
+SHUFFLE_PREFETCH = 2048  # the byte-shuffle kernel prefetches its code stream this many bytes ahead
+WIDE_TABLE, NARROW_TABLE = table_bytes(True), table_bytes(False)  # bytes per byte-plane table
+SHUFFLE_BLOCK = 16384 // WIDE_TABLE  # subspaces per table block of the byte-shuffle kernel: 16 KiB (L1)
 
 _JIT = {"fastmath": True, "error_model": "numpy"}
 
@@ -514,22 +548,84 @@ def _fc_pairs8(xt, books, codes, t_chunks, out):
 fc_pairs8_serial, fc_pairs8_parallel = serial_and_parallel(_fc_pairs8, **_JIT)
 
 
+# --- Inner products of one sample: byte-shuffle lookups ------------------------------------------
+
+@numba.njit(cache=True, nogil=True, **_JIT)
+def _shuffle_block(tables, codes, w, acc, q0, q1, mb, wide):
+    """Add ``mb`` byte-plane tables into the sums of output chunks ``q0 .. q1-1`` (32 outputs
+    each), reading 32 codes per table and chunk from ``w`` on."""
+    for q in range(q0, q1):
+        o = q * SHUFFLE_OUTPUTS
+        a = (vload(acc, o), vload(acc, o + LANES), vload(acc, o + 2 * LANES), vload(acc, o + 3 * LANES))
+        for i in range(mb):
+            prefetch(codes, w + SHUFFLE_PREFETCH)
+            if wide:
+                a = add_lookups(tables, i * WIDE_TABLE, codes, w, a, True)
+            else:
+                a = add_lookups(tables, i * NARROW_TABLE, codes, w, a, False)
+            w += SHUFFLE_OUTPUTS
+        vstore(acc, o, a[0])
+        vstore(acc, o + LANES, a[1])
+        vstore(acc, o + 2 * LANES, a[2])
+        vstore(acc, o + 3 * LANES, a[3])
+
+
+def _fc_shuffle(x, books, codes, wide, t_chunks, out):
+    """``out[n, t] = sum over subspaces m of LUT_n[m, code[t, m]]`` by byte shuffles
+    (:func:`qcnn.kernels.simd.add_lookups`), one sample at a time.
+
+    x : float32 (N, M*subdim);
+    books : float32 (1, M, K, subdim), K <= TABLE_ENTRIES (``wide``: K > 16);
+    codes : uint8, flat, :meth:`PreparedCodes.shuffle`: per block of SHUFFLE_BLOCK subspaces, per
+        chunk of 32 outputs, per subspace, the chunk's 32 codes in SHUFFLE_POSITION order;
+    out : float32 (N, C32), C32 = C_t rounded up to 32.
+
+    Each block's tables (128 bytes per subspace, 64 when narrow) are built once per sample and
+    stay in L1 while every output chunk streams its codes through them.
+    """
+    n_batch, c32 = out.shape
+    n_chunks = c32 // SHUFFLE_OUTPUTS
+    n_sub = books.shape[1]
+    for job in prange(n_batch * t_chunks):
+        n, q0, q1 = _job_groups(job, t_chunks, n_chunks)
+        xn = x[n]
+        acc = out[n]
+        tables = np.zeros(SHUFFLE_BLOCK * WIDE_TABLE, np.uint8)
+        lut = np.zeros(TABLE_ENTRIES, np.float32)  # entries K.. stay zero: no code selects them
+        acc[q0 * SHUFFLE_OUTPUTS:q1 * SHUFFLE_OUTPUTS] = 0.0
+        for m0 in range(0, n_sub, SHUFFLE_BLOCK):
+            mb = min(SHUFFLE_BLOCK, n_sub - m0)
+            for i in range(mb):
+                _subspace_table(books, xn, m0 + i, lut)
+                if wide:
+                    store_planes(tables, i * WIDE_TABLE, lut, True)
+                else:
+                    store_planes(tables, i * NARROW_TABLE, lut, False)
+            _shuffle_block(tables, codes, (m0 * n_chunks + q0 * mb) * SHUFFLE_OUTPUTS, acc, q0, q1, mb, wide)
+
+
+if SHUFFLE_ISA:
+    fc_shuffle_serial, fc_shuffle_parallel = serial_and_parallel(_fc_shuffle, **_JIT)
+
+
 # --- Code layouts and the public entry points -----------------------------------------------------
 
 class PreparedCodes:
     """A layer's codes in the layouts the kernels read, each built on first use.
 
     ``frames(sub_block)``: uint8 (G, blocks, C_t/G, sub_block*kh*kw) for :func:`_frame_conv`;
-    ``fc(K)``: the 32-bit code words of :func:`_fc_tables` (inner products).
+    ``fc(K)``: the 32-bit code words of :func:`_fc_tables` and :func:`_fc_pairs8` (inner products);
+    ``shuffle()``: the code bytes of :func:`_fc_shuffle` (inner products of one or two samples).
     """
 
-    __slots__ = ("codes", "group", "_frames", "_fc")
+    __slots__ = ("codes", "group", "_frames", "_fc", "_shuffle")
 
     def __init__(self, codes, group):
         self.codes = np.asarray(codes, np.uint8)
         self.group = int(group)
         self._frames = {}
         self._fc = None
+        self._shuffle = None
 
     @property
     def kernel(self):
@@ -573,9 +669,25 @@ class PreparedCodes:
             self._fc = (n_words, (pairs, width, rows, words))
         return self._fc[1]
 
+    def shuffle(self):
+        """Codes of :func:`_fc_shuffle` (group 1, 1x1 kernel): uint8, flat, per block of
+        SHUFFLE_BLOCK subspaces (the last one shorter), per chunk of 32 outputs (C_t padded with
+        code 0 to a multiple of 32), per subspace, the chunk's 32 codes in SHUFFLE_POSITION order:
+        every block streams its codes contiguously."""
+        if self._shuffle is None:
+            c_out, m = self.codes.shape[0], self.codes.shape[3]
+            c32 = -(-c_out // SHUFFLE_OUTPUTS) * SHUFFLE_OUTPUTS
+            codes = np.zeros((c32, m), np.uint8)
+            codes[:c_out] = self.codes.reshape(c_out, m)
+            chunks = codes.reshape(c32 // SHUFFLE_OUTPUTS, SHUFFLE_OUTPUTS, m)[:, list(SHUFFLE_POSITION)]
+            self._shuffle = np.concatenate([chunks[:, :, m0:m0 + SHUFFLE_BLOCK].transpose(0, 2, 1).reshape(-1)
+                                            for m0 in range(0, m, SHUFFLE_BLOCK)])
+        return self._shuffle
+
     @property
     def nbytes(self):
-        return sum(a.nbytes for a in self._frames.values()) + (self._fc[1][3].nbytes if self._fc else 0)
+        return sum(a.nbytes for a in self._frames.values()) + (self._fc[1][3].nbytes if self._fc else 0) \
+            + (self._shuffle.nbytes if self._shuffle is not None else 0)
 
 
 def prepare_codes(codes, group):
@@ -656,16 +768,28 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
     return out
 
 
-def _inner_product(x, codebooks, kernel_codes, parallel):
-    """One-position samples (N, C) with a 1x1 kernel and group 1 -> (N, C_t): pair tables of
-    8-sample vectors for K <= PAIR_WIDTH and N >= FC_PAIRS8_MIN_BATCH, else scalar tables
-    per sample."""
+def _inner_product(x, codebooks, kernel_codes, parallel, shuffle=None):
+    """One-position samples (N, C) with a 1x1 kernel and group 1 -> (N, C_t). K <= 32: byte-shuffle
+    lookups for N <= FC_SHUFFLE_MAX_BATCH where the CPU has them (SHUFFLE_ISA), else pair tables
+    of 8-sample vectors for N >= FC_PAIRS8_MIN_BATCH or scalar pair tables per sample; larger K:
+    scalar tables per sample. ``shuffle=False`` forces the pair-table paths (tests, benchmarks)."""
     n, c = x.shape
     _, m, k, subdim = codebooks.shape
     c_out = kernel_codes.codes.shape[0]
+    threads = _threads(parallel)
+    if shuffle is None:
+        shuffle = SHUFFLE_ISA is not None and k <= TABLE_ENTRIES and n <= FC_SHUFFLE_MAX_BATCH
+    if shuffle:
+        c32 = -(-c_out // SHUFFLE_OUTPUTS) * SHUFFLE_OUTPUTS
+        xs = np.zeros((n, m * subdim), np.float32)
+        xs[:, :c] = x
+        out = np.empty((n, c32), np.float32)
+        t_chunks = max(1, min(c32 // SHUFFLE_OUTPUTS, -(-threads // n))) if threads > 1 else 1
+        kernel = fc_shuffle_parallel if parallel else fc_shuffle_serial
+        kernel(xs, codebooks, kernel_codes.shuffle(), k > TABLE_ENTRIES // 2, t_chunks, out)
+        return out[:, :c_out]
     pairs, width, rows, words = kernel_codes.fc(k)
     c8 = -(-c_out // 8) * 8
-    threads = _threads(parallel)
     if pairs and n >= FC_PAIRS8_MIN_BATCH:
         chunks = -(-n // LANES)
         length = rows * 2 * subdim * LANES

@@ -14,9 +14,10 @@ Why LLVM intrinsics
 Numba has no SIMD type of its own; each operation here is a Numba ``@intrinsic`` that emits a
 few lines of LLVM IR into the calling kernel (nothing is called at run time, and the kernels'
 ``cache=True`` works as for any other code). They are plain vector IR -- loads and stores of
-``<8 x float>``, ``fadd``, ``shufflevector`` -- and portable LLVM intrinsics only, no
-x86-specific ones: on x86-64 LLVM maps a vector to one AVX register, on aarch64 to a pair of
-NEON registers, elsewhere to whatever the target has. The LLVM names used:
+``<8 x float>``, ``fadd``, ``shufflevector`` -- and portable LLVM intrinsics only (the one exception, the byte
+shuffle of the byte-table lookups at the end, is chosen per CPU): on x86-64 LLVM maps a vector
+to one AVX register, on aarch64 to a pair of NEON registers, elsewhere to whatever the target
+has. The LLVM names used:
 
 * ``llvm.fmuladd.v8f32`` (:func:`vmuladd`): ``a * b + c``, fused into one instruction with one
   rounding where the CPU has FMA, a multiply and an add elsewhere;
@@ -27,7 +28,9 @@ NEON registers, elsewhere to whatever the target has. The LLVM names used:
   name; LLVM 15 and later (opaque pointers) upgrade it to ``llvm.masked.load.v8f32.p0`` when
   they parse the module;
 * ``llvm.prefetch.p0i8`` (:func:`prefetch`): a software prefetch hint (typed-pointer name
-  likewise).
+  likewise);
+* ``llvm.x86.avx2.pshuf.b`` or ``llvm.aarch64.neon.tbl1/tbl2.v16i8`` (:func:`add_lookups`):
+  byte-table lookups, compiled only where :data:`SHUFFLE_ISA` says the host has them.
 
 The operations do no bounds checks: a kernel that uses them must leave slack after its arrays
 (see each module's notes).
@@ -217,3 +220,142 @@ def prefetch(typingctx, arr, index):
         builder.call(fn, [ptr, _I32(0), _I32(3), _I32(1)])
         return context.get_dummy_value()
     return types.void(arr, index), codegen
+
+
+# --- Byte-table lookups (float tables as byte planes) ------------------------------------------
+#
+# A table of up to 32 float32 entries is stored as byte planes: plane p holds byte p of every entry
+# (:func:`store_planes`). A vector byte shuffle then looks up 32 codes at once in each plane, and
+# interleaving the four planes' results rebuilds the 32 float32 entries exactly
+# (:func:`add_lookups`). The shuffle is the one target-specific instruction here: AVX2
+# ``vpshufb`` on x86-64 (16-entry tables per 128-bit lane, so entries 16..31 take a second
+# shuffle) or NEON ``tbl`` on aarch64 (up to 32 entries in two registers). SHUFFLE_ISA names the
+# one the host has, or is None: then the kernels must not use these operations.
+
+def _shuffle_isa():
+    import platform
+
+    from llvmlite import binding
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "neon"
+    if platform.machine().lower() in ("x86_64", "amd64") and binding.get_host_cpu_features().get("avx2"):
+        return "avx2"
+    return None
+
+
+SHUFFLE_ISA = _shuffle_isa()
+TABLE_ENTRIES = 32  # entries per byte table (codes must be < TABLE_ENTRIES)
+SHUFFLE_OUTPUTS = 32  # codes looked up per add_lookups call
+
+_I8 = ir.IntType(8)
+_I8X16 = ir.VectorType(_I8, 16)
+_I8X32 = ir.VectorType(_I8, 32)
+_I16X16 = ir.VectorType(ir.IntType(16), 16)
+
+
+def _mask(indices):
+    return ir.Constant(ir.VectorType(_I32, len(indices)), list(indices))
+
+
+# The AVX2 unpack instructions interleave within each 128-bit lane; these masks are exactly
+# theirs, so that x86-64 gets one instruction each (aarch64: zip1/zip2 per half).
+_UNPACK8 = [_mask([x for lane in (0, 1) for i in half for x in (16 * lane + i, 32 + 16 * lane + i)])
+            for half in (range(8), range(8, 16))]
+_UNPACK16 = [_mask([x for lane in (0, 1) for i in half for x in (8 * lane + i, 16 + 8 * lane + i)])
+             for half in (range(4), range(4, 8))]
+
+#: SHUFFLE_POSITION[j] is the output (0..31) whose code must sit at byte j of the 32 codes given
+#: to :func:`add_lookups`: the order in which the in-lane interleaves deliver the float32 results.
+SHUFFLE_POSITION = tuple(8 * ((j % 16) // 4) + 4 * (j // 16) + j % 4 for j in range(32))
+
+
+def _plane_rows(wide):
+    """Byte rows of the stored table, 16 bytes each: row ``p`` (narrow: 16 entries) or ``2p + h``
+    (wide: entries 16h..16h+15) holds byte p of those entries."""
+    halves = (0, 1) if wide else (0,)
+    return [[4 * (16 * h + j) + p for j in range(16)] for p in range(4) for h in halves]
+
+
+def table_bytes(wide):
+    """Bytes of one stored byte-plane table."""
+    return (8 if wide else 4) * 16
+
+
+@intrinsic
+def store_planes(typingctx, tables, offset, lut, wide):
+    """Write the float32 entries ``lut[0:32]`` (16 when ``wide`` is the literal False) as byte
+    planes to ``tables[offset:offset + table_bytes(wide)]``: see :func:`_plane_rows`."""
+    if not (isinstance(tables, types.Array) and tables.dtype == types.uint8 and _is_float32_vector(lut)
+            and isinstance(offset, types.Integer) and isinstance(wide, types.BooleanLiteral)):
+        return None
+    rows = _plane_rows(wide.literal_value)
+    n_bytes = 4 * (TABLE_ENTRIES if wide.literal_value else TABLE_ENTRIES // 2)  # the float32 entries
+
+    def codegen(context, builder, sig, args):
+        src_type = ir.VectorType(_I8, n_bytes)
+        src_ptr = _element_pointer(context, builder, sig.args[2], args[2], types.intp, context.get_constant(types.intp, 0))
+        src = builder.load(builder.bitcast(src_ptr, src_type.as_pointer()), align=4)
+        planes = builder.shuffle_vector(src, ir.Constant(src_type, ir.Undefined),
+                                        _mask([i for row in rows for i in row]))
+        dst = _element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(planes, builder.bitcast(dst, src_type.as_pointer()), align=1)
+        return context.get_dummy_value()
+    return types.void(tables, offset, lut, wide), codegen
+
+
+def _shuffle_bytes(builder, rows, index, wide):
+    """One byte plane looked up at the 32 byte ``index``es: ``rows`` the plane's 16-byte table
+    rows (one, or two when ``wide``)."""
+    if SHUFFLE_ISA == "avx2":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8X32, [_I8X32, _I8X32]),
+                                            "llvm.x86.avx2.pshuf.b")
+        both = _mask(list(range(16)) * 2)  # the row in both 128-bit lanes (a broadcast load)
+        tables = [builder.shuffle_vector(row, ir.Constant(_I8X16, ir.Undefined), both) for row in rows]
+        if not wide:
+            return builder.call(fn, [tables[0], index])
+        # vpshufb reads the low 4 bits and gives 0 where bit 7 is set: +0x70 sets bit 7 for codes
+        # 16..31, -16 (+0xF0) sets it for codes 0..15, so each half answers its own codes only.
+        low = builder.call(fn, [tables[0], builder.add(index, ir.Constant(_I8X32, [0x70] * 32))])
+        high = builder.call(fn, [tables[1], builder.add(index, ir.Constant(_I8X32, [0xF0] * 32))])
+        return builder.or_(low, high)
+    name = "llvm.aarch64.neon.tbl2.v16i8" if wide else "llvm.aarch64.neon.tbl1.v16i8"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I8X16, [_I8X16] * (len(rows) + 1)), name)
+    halves = [builder.call(fn, rows + [builder.shuffle_vector(index, ir.Constant(_I8X32, ir.Undefined),
+                                                                _mask(range(16 * h, 16 * h + 16)))])
+              for h in (0, 1)]
+    return builder.shuffle_vector(halves[0], halves[1], _mask(range(32)))
+
+
+Float32x8Quad = types.UniTuple(float32x8, 4)
+
+
+@intrinsic
+def add_lookups(typingctx, tables, offset, codes, start, acc, wide):
+    """``acc`` plus the 32 float32 table entries that the codes ``codes[start:start + 32]`` select
+    from the byte-plane table at ``tables[offset:]`` (:func:`store_planes`). ``acc`` is four
+    vectors; code byte ``j`` adds into output ``SHUFFLE_POSITION[j]`` (vector ``o // 8``, lane
+    ``o % 8``). ``wide`` (a literal): entries up to 32, else 16. Needs SHUFFLE_ISA; unchecked."""
+    if not (SHUFFLE_ISA and isinstance(tables, types.Array) and tables.dtype == types.uint8
+            and isinstance(codes, types.Array) and codes.dtype == types.uint8
+            and isinstance(offset, types.Integer) and isinstance(start, types.Integer)
+            and acc == Float32x8Quad and isinstance(wide, types.BooleanLiteral)):
+        return None
+    is_wide = wide.literal_value
+
+    def codegen(context, builder, sig, args):
+        table = builder.bitcast(_element_pointer(context, builder, sig.args[0], args[0], sig.args[1], args[1]),
+                                _I8X16.as_pointer())
+        code_ptr = _element_pointer(context, builder, sig.args[2], args[2], sig.args[3], args[3])
+        index = builder.load(builder.bitcast(code_ptr, _I8X32.as_pointer()), align=1)
+        per_plane = 2 if is_wide else 1
+        planes = [_shuffle_bytes(builder, [builder.load(builder.gep(table, [_I32(per_plane * p + h)]), align=1)
+                                           for h in range(per_plane)], index, is_wide)
+                  for p in range(4)]
+        low_words = [builder.bitcast(builder.shuffle_vector(planes[a], planes[a + 1], m), _I16X16)
+                     for a in (0, 2) for m in _UNPACK8]  # bytes 0|1 and 2|3 of each entry, interleaved
+        floats = [builder.bitcast(builder.shuffle_vector(low_words[h], low_words[2 + h], m), _LL_VEC8)
+                  for h in (0, 1) for m in _UNPACK16]
+        sums = [builder.fadd(builder.extract_value(args[4], i), floats[i]) for i in range(4)]
+        return context.make_tuple(builder, sig.return_type, sums)
+    return Float32x8Quad(tables, offset, codes, start, acc, wide), codegen

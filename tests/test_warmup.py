@@ -87,6 +87,15 @@ def test_numba_cache_dir_wins(tmp_path):
     assert all(Path(p).parent == tmp_path / "numba" for p in out["paths"].values())
 
 
+@pytest.mark.arm
+def test_openmp_workers_sleep_unless_the_user_says(tmp_path):
+    """The kernels' OpenMP workers wait passively (qcnn.kernels.jit) unless OMP_WAIT_POLICY is set."""
+    code = "import os, qcnn.kernels.jit; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    assert run_python(code, env, tmp_path).strip() == "PASSIVE"
+    assert run_python(code, {**env, "OMP_WAIT_POLICY": "active"}, tmp_path).strip() == "active"
+
+
 def read_only_copy(tmp_path):
     """The qcnn package copied to tmp_path/site, read-only; its __pycache__ blocked for root too."""
     site = tmp_path / "site"

@@ -102,6 +102,13 @@ def _configure():
 
 CACHE_DIR, CACHE_REASON = _configure()
 
+# The parallel kernels run on Numba's OpenMP layer. With OpenMP's default wait policy its idle
+# workers spin, and on a machine whose other cores are busy (OpenBLAS threads spinning after a
+# dense layer, another process) a call then waits for a preempted spinner: a fixed 5-12 ms on a
+# 2-core machine, against 0.3-0.5 ms when they sleep (benchmarks/bench_lut.py --threads 2). Read when OpenMP
+# first loads, which the first parallel kernel call does; a value the user set is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def readonly(array):
     """``array`` as a read-only view (itself when it is read-only already).

@@ -102,7 +102,8 @@ for parallel in (False, True):
     first_call("frame_conv_" + suffix, *conv, parallel)
     first_call(("fc_shuffle_" if lut.SHUFFLE_ISA else "fc_tables_pairs_") + suffix, *fc, parallel)
     first_call("fc_tables_" + suffix, *fc64, parallel)
-    first_call("fc_pairs8_" + suffix, np.repeat(fc[0], lut.FC_PAIRS8_MIN_BATCH, axis=0), *fc[1:], parallel)
+    pairs8 = max(lut.FC_PAIRS8_MIN_BATCH, lut.FC_SHUFFLE_MAX_BATCH + 1 if lut.SHUFFLE_ISA else 0)
+    first_call("fc_pairs8_" + suffix, np.repeat(fc[0], pairs8, axis=0), *fc[1:], parallel)
 print(json.dumps({"import_s": t_import, "first_calls_s": calls,
                   "total_s": time.perf_counter() - t0}))
 """

@@ -262,6 +262,8 @@ def main(argv=None):
     import numpy as np
     from threadpoolctl import threadpool_limits
 
+    import qcnn.kernels.jit  # noqa: F401 -- its OpenMP wait policy must be set before set_num_threads starts OpenMP
+
     load_before = os.getloadavg()[0]
     jit = None if args.no_jit else jit_times()
     if jit:

@@ -59,6 +59,8 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="+", default=["4,32", "4,64", "8,32", "8,64", "8,128", "16,256"],
                         help="SUBDIM,K applied to every conv and FC layer")
     parser.add_argument("--ec-iter", type=int, default=20)
+    parser.add_argument("--ec-prior", type=float, default=0.0,
+                        help="weight prior alpha of error correction (qcnn quantize --ec-prior)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", metavar="DIR", help="write calib.npz and test.npz there and stop")
     parser.add_argument("--json", default=RESULTS)
@@ -91,11 +93,11 @@ def main(argv=None):
             start = time.perf_counter()
             quantized, report = quantize_net(net, (subdim, k), (subdim, k), seed=args.seed,
                                              calibration=calibration, error_correction=ec,
-                                             ec_options={"max_iter": args.ec_iter})
+                                             ec_options={"max_iter": args.ec_iter, "prior": args.ec_prior})
             seconds = time.perf_counter() - start
             probs = predict(quantized, (x for x, _ in test.batches(500)))
             total_bytes = sum(r["bytes"] for r in quantized.summary())
-            row = {"subdim": subdim, "num_codewords": k, "error_correction": ec,
+            row = {"subdim": subdim, "num_codewords": k, "error_correction": ec, "ec_prior": args.ec_prior,
                    "compression": dense_bytes / total_bytes, "bytes": total_bytes,
                    "accuracy": accuracy(probs, test_y)["top1_accuracy"],
                    "quantize_seconds": seconds, **agreement(float_probs, probs),

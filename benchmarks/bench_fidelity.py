@@ -13,10 +13,17 @@ top-1 agreement.
 
 A setting is space-separated KIND=SUBDIM,K (or KIND=float) for KIND in conv, fc,
 depthwise; unspecified kinds take qcnn's defaults (conv 8,128; fc 4,32;
-depthwise as conv).
+depthwise as conv). Any other key is a layer name or a shell-style pattern of
+layer names (``head=2,64``, ``block1*/dwise=float``, ``'block[0-3]/*=1,256'``):
+per-layer overrides, later ones winning. The token ``half`` stores float16
+codebooks (``codebook_dtype="float16"``), ``scales`` quantizes each output
+channel's weights divided by their largest magnitude (``channel_scales=True``).
+With ``--ec-prior A [B ...]`` each setting is run with error correction at each
+weight-prior strength alpha.
 """
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
@@ -36,13 +43,25 @@ from photo_crops import CALIBRATION, HELDOUT, crops, photo_path  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def parse_setting(text):
-    kinds = {"conv": (8, 128), "fc": (4, 32)}
+def parse_setting(text, layer_names=()):
+    """``{"conv", "fc", "depthwise": (subdim, K) or None, "overrides": {name: ...},
+    "half", "scales": bool}``."""
+    kinds = {"conv": (8, 128), "fc": (4, 32), "overrides": {}, "half": False, "scales": False}
     for part in text.split():
-        kind, _, value = part.partition("=")
-        if kind not in ("conv", "fc", "depthwise"):
-            raise SystemExit(f"unknown layer kind {kind!r} in setting {text!r}")
-        kinds[kind] = None if value == "float" else tuple(int(v) for v in value.split(","))
+        if part in ("half", "scales"):
+            kinds[part] = True
+            continue
+        key, _, value = part.partition("=")
+        if not value:
+            raise SystemExit(f"expected KEY=SUBDIM,K or KEY=float, got {part!r} in setting {text!r}")
+        settings = None if value == "float" else tuple(int(v) for v in value.split(","))
+        if key in ("conv", "fc", "depthwise"):
+            kinds[key] = settings
+            continue
+        names = fnmatch.filter(layer_names, key)
+        if not names:
+            raise SystemExit(f"no layer matches {key!r} in setting {text!r}")
+        kinds["overrides"].update(dict.fromkeys(names, settings))
     kinds.setdefault("depthwise", kinds["conv"])
     return kinds
 
@@ -61,6 +80,8 @@ def main(argv=None):
     parser.add_argument("--ec-iter", type=int, default=20)
     parser.add_argument("--ec-ridge", type=float, default=1e-6,
                         help="proximal ridge of the codebook step, relative to the mean Gram diagonal")
+    parser.add_argument("--ec-prior", type=float, nargs="+", default=[0.0],
+                        help="weight-prior strengths alpha of error correction (one row each)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--save", metavar="DIR", help="keep the quantized models here")
     parser.add_argument("--seed", type=int, default=0)
@@ -85,19 +106,28 @@ def main(argv=None):
           f"{len(CALIBRATION)} photos, held out {len(heldout)} crops of {len(HELDOUT)} photos", flush=True)
 
     rows = []
+    names = [layer.name for layer in net.layers]
+    runs = [(False, 0.0)] if args.no_ec else [(True, a) for a in args.ec_prior]
+    if args.no_ec_too and not args.no_ec:
+        runs.insert(0, (False, 0.0))
     for text in args.settings:
-        kinds = parse_setting(text)
-        for ec in (False,) if args.no_ec else (False, True) if args.no_ec_too else (True,):
+        kinds = parse_setting(text, names)
+        for ec, prior in runs:
             start = time.perf_counter()
-            quantized, report = quantize_net(net, kinds["conv"], kinds["fc"], depthwise=kinds["depthwise"],
+            quantized, report = quantize_net(net, kinds["conv"], kinds["fc"], kinds["overrides"],
+                                             depthwise=kinds["depthwise"],
+                                             codebook_dtype="float16" if kinds["half"] else "float32",
+                                             channel_scales=kinds["scales"],
                                              seed=args.seed, calibration=calibration, error_correction=ec,
                                              max_samples=args.samples, monotone=not args.fast_kmeans,
-                                             ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge})
+                                             ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge,
+                                                         "prior": prior})
             seconds = time.perf_counter() - start
             probs, photo_probs = run(quantized)
             total = sum(r["bytes"] for r in quantized.summary())
             kept = top_k(photo_probs, 1)[:, 0] == float_labels
-            row = {"setting": text, "error_correction": ec, "compression": dense_bytes / total,
+            row = {"setting": text, "error_correction": ec, "ec_prior": prior if ec else None,
+                   "compression": dense_bytes / total,
                    "bytes": total, **agreement(float_probs, probs),
                    "photos_label_kept": int(kept.sum()), "photos": len(kept),
                    "photos_changed": [n for n, k in zip(CALIBRATION + HELDOUT, kept) if not k],
@@ -106,14 +136,14 @@ def main(argv=None):
             if args.save:
                 os.makedirs(args.save, exist_ok=True)
                 qcnn.save(quantized, os.path.join(args.save, f"{args.name}-{len(rows)}.qcnn"))
-            print(f"{text:<40} {'EC' if ec else 'no EC':<5} {row['compression']:5.1f}x  top-1 "
+            print(f"{text:<40} {_ec_label(row):<8} {row['compression']:5.1f}x  top-1 "
                   f"{row['top1_agreement']:.2%}  top-5 {row['top5_agreement']:.2%}  KL {row['mean_kl']:.4f}  "
                   f"photos kept {row['photos_label_kept']}/{row['photos']}  {seconds:.0f} s", flush=True)
 
     print("\n| setting | EC | size | compression | top-1 agr. | top-5 agr. | mean KL | photo labels kept |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {'yes' if r['error_correction'] else 'no'} | {r['bytes'] / 2**20:.2f} MiB | "
+        print(f"| {r['setting']} | {_ec_label(r)} | {r['bytes'] / 2**20:.2f} MiB | "
               f"{r['compression']:.1f}x | {r['top1_agreement']:.2%} | {r['top5_agreement']:.2%} | "
               f"{r['mean_kl']:.4f} | {r['photos_label_kept']}/{r['photos']} |")
     os.makedirs(RESULTS, exist_ok=True)
@@ -124,6 +154,12 @@ def main(argv=None):
     print(f"wrote {path}")
     _plot(rows, args.name)
     return 0
+
+
+def _ec_label(row):
+    if not row["error_correction"]:
+        return "no EC"
+    return f"EC a={row['ec_prior']:g}" if row["ec_prior"] else "EC"
 
 
 def _plot(rows, name):

@@ -7,7 +7,11 @@ K = 32; a convolution with fewer input channels per group than its
 its channels. Layers too small to gain (codebooks larger than the float
 weights, e.g. a 10-way classifier) stay float. Per-layer overrides and skips
 are allowed. Layers are quantized by k-means on their weights and, given
-unlabeled calibration inputs, error-corrected in network order.
+unlabeled calibration inputs, error-corrected in network order, optionally
+with a weight prior (``ec_options={"prior": alpha}``) that keeps them from
+over-fitting few calibration images. With ``channel_scales`` each layer's
+output channels are normalised before quantization and rescaled by a float
+``Scale`` layer after it (BatchNorm folding leaves their scales very unequal).
 """
 
 import time
@@ -18,6 +22,7 @@ from qcnn.errors import QcnnError
 from qcnn.graph import Net
 from qcnn.layers.conv import Convolution, patches
 from qcnn.layers.dense import InnerProduct
+from qcnn.layers.normalization import Scale
 from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct
 from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage_bytes
 
@@ -74,7 +79,8 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
 def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook=True, seed=0,
                  kernel="auto", depthwise=(8, 128), codebook_dtype="float32", calibration=None,
                  error_correction=True, max_samples=8192,
-                 max_patch_values=2 ** 26, ec_options=None, progress=None, **kmeans_options):
+                 max_patch_values=2 ** 26, ec_options=None, channel_scales=False, progress=None,
+                 **kmeans_options):
     """Product-quantize the conv and inner-product layers of ``net``, in order.
 
     Each layer starts from k-means on its weights. With ``calibration`` data
@@ -112,7 +118,19 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         Fewer rows when ``rows * C_in * kh * kw`` would exceed this, which bounds
         a layer's sampled inputs to ``4 * max_patch_values`` bytes (256 MiB).
     ec_options : dict, optional
-        Passed to :func:`qcnn.quantization.ec.error_correct` (``max_iter``, ``tol``).
+        Passed to :func:`qcnn.quantization.ec.error_correct` (``max_iter``, ``tol``,
+        ``ridge``, ``prior``). With ``prior`` alpha > 0 each layer's EC also
+        penalises ``mu ||W - W_q||^2`` (W the layer's float weights,
+        ``mu = alpha trace(S^T S) / L``): a pull toward the weights that
+        generalises better when the calibration set is small.
+    channel_scales : bool
+        Quantize each layer's weights divided by their output channel's largest
+        magnitude ``s_c`` and put the scales back in a float ``Scale`` layer
+        (``NAME/scale``, C_t values, in place) after the quantized layer, whose
+        bias becomes ``b / s``. Codebooks are shared by all output channels,
+        whose scales differ by an order of magnitude once BatchNorm is folded
+        in; normalised, every channel gets the codebook's full resolution.
+        Error correction then fits ``T / s`` (each channel's relative error).
     progress : callable, optional
         ``progress(event, info)``: ``"layer"`` when a layer starts (``name``,
         ``position``, ``count``), ``"iteration"`` after each error-correction
@@ -139,32 +157,74 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         raise QcnnError(f"no layer named {', '.join(sorted(unknown))} in network '{net.name}'")
     plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise) for layer in net.layers]
     count = sum(s is not None for s in plan)
-    layers, report = [], []
+    layers, report = [], []  # layers: per layer of net, the layers that replace it
     for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
         if settings is None:
-            layers.append(layer)
+            layers.append([layer])
             continue
         if progress is not None:
             progress("layer", {"name": layer.name, "position": len(report) + 1, "count": count})
         start = time.perf_counter()
-        new, row = _quantize_layer(layer, settings, shared_codebook, kernel, codebook_dtype, seed + index,
+        scales = _channel_scales(_float_weight(layer)) if channel_scales and _channel_axis_1(layer) else None
+        source = layer if scales is None else _scaled(layer, 1 / scales)
+        new, row = _quantize_layer(source, settings, shared_codebook, kernel, codebook_dtype, seed + index,
                                    kmeans_options)
+        row["bytes_before"] = layer.storage_bytes()
         if calibration is not None:
             rng = np.random.default_rng(seed + index)
-            inputs, targets = _samples(new, q_in[0], f_out[0], rng, max_samples, max_patch_values)
-            row.update(_correct(new, inputs, targets, error_correction, ec_options, progress))
+            target = f_out[0]
+            if scales is not None:  # the quantized layer computes the response divided by the scales
+                target = target / scales.reshape((1, -1) + (1,) * (target.ndim - 2))
+            inputs, targets = _samples(new, q_in[0], target, rng, max_samples, max_patch_values)
+            row.update(_correct(new, inputs, targets, error_correction, ec_options, progress,
+                                weight=_float_weight(source)))
         row["seconds"] = time.perf_counter() - start
-        layers.append(new)
+        replaced = [new]
+        if scales is not None:
+            scale = Scale(f"{layer.name}/scale", layer.tops, layer.tops, [scales])
+            scale.input_shapes = scale.output_shapes_ = layer.output_shapes_
+            replaced.append(scale)
+        layers.append(replaced)
         report.append(row)
         if progress is not None:
             progress("done", row)
-    quantized = Net(net.inputs, layers, net.name, net.metadata)
+    quantized = Net(net.inputs, [x for replaced in layers for x in replaced], net.name, net.metadata)
+    names = {layer.name for layer in quantized.layers}
     for row in report:
         layer = quantized.layer(row["name"])
         shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
-        row.update(bytes_after=layer.storage_bytes(), macs_after=int(layer.macs(shapes)),
-                   compression=row["bytes_before"] / max(layer.storage_bytes(), 1))
+        after = layer.storage_bytes()
+        if f"{row['name']}/scale" in names:
+            after += quantized.layer(f"{row['name']}/scale").storage_bytes()
+        row.update(bytes_after=after, macs_after=int(layer.macs(shapes)),
+                   compression=row["bytes_before"] / max(after, 1))
     return quantized, report
+
+
+def _channel_axis_1(layer):
+    """Whether ``layer``'s output channels lie on axis 1, where a Scale layer applies."""
+    return isinstance(layer, Convolution) or layer.axis == 1
+
+
+def _channel_scales(weight):
+    """Largest magnitude of each output channel's weights, float32 (C_t,); 1 for all-zero channels."""
+    peak = np.abs(weight.reshape(weight.shape[0], -1)).max(axis=1)
+    return np.where(peak > 0, peak, 1).astype(np.float32)
+
+
+def _scaled(layer, factors):
+    """A copy of conv/inner-product ``layer``, each output channel's weights and bias times ``factors``."""
+    blobs = list(layer.blobs)
+    weight = blobs[0]
+    if isinstance(layer, InnerProduct) and layer.transpose:
+        blobs[0] = (weight * factors[None, :]).astype(np.float32)
+    else:
+        blobs[0] = (weight * factors.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
+    if len(blobs) > 1:
+        blobs[1] = (blobs[1] * factors).astype(np.float32)
+    copy = type(layer)(layer.name, layer.bottoms, layer.tops, blobs, **layer.params)
+    copy.input_shapes, copy.output_shapes_ = layer.input_shapes, layer.output_shapes_
+    return copy
 
 
 def _walk(net, plan, calibration, done):
@@ -172,9 +232,9 @@ def _walk(net, plan, calibration, done):
 
     With calibration data, two copies of the activations advance together:
     the float network's and the quantized network's, whose layers so far are
-    ``done`` (the caller appends each layer, quantized or not, before the
-    next step). Blobs are freed after their last reader. Without data the
-    arrays are None.
+    ``done`` (the caller appends, for each layer, the list of layers that
+    replace it, before the next step). Blobs are freed after their last reader.
+    Without data the arrays are None.
     """
     if calibration is None:
         for layer, settings in zip(net.layers, plan):
@@ -192,7 +252,12 @@ def _walk(net, plan, calibration, done):
         f_out = _forward_in_chunks(layer, f_in)
         yield layer, settings, f_in, q_in, f_out
         same = all(q is f for q, f in zip(q_in, f_in))  # nothing quantized upstream yet
-        q_out = f_out if same and done[-1] is layer else _forward_in_chunks(done[-1], q_in)
+        if same and done[-1] == [layer]:
+            q_out = f_out
+        else:
+            q_out = q_in
+            for replacement in done[-1]:
+                q_out = _forward_in_chunks(replacement, q_out)
         for t, f, q in zip(layer.tops, f_out, q_out):
             float_blobs[t], quant_blobs[t] = f, q
         for b in set(layer.bottoms) | set(layer.tops):
@@ -287,8 +352,18 @@ def _choose_rows(total, c_in_values, rng, max_samples, max_patch_values):
     return np.sort(rng.choice(total, count, replace=False)) if count < total else np.arange(total)
 
 
-def _correct(layer, inputs, targets, error_correction, ec_options, progress):
-    """Error-correct ``layer``'s codebooks and codes in place; report entries."""
+def _float_weight(layer):
+    """The float weights of ``layer`` in the quantizer's layout: (C_t, C_s, kh, kw) or (C_t, C_s)."""
+    weight = layer.blobs[0]
+    return weight.T if isinstance(layer, InnerProduct) and layer.transpose else weight
+
+
+def _correct(layer, inputs, targets, error_correction, ec_options, progress, weight=None):
+    """Error-correct ``layer``'s codebooks and codes in place; report entries.
+
+    ``weight``: the float weights W (for ``ec_options["prior"]``). The reported
+    response errors are of the response alone, without the prior's penalty.
+    """
     from qcnn.quantization.ec import error_correct, objective  # Numba: only when calibrating
 
     group = getattr(layer, "group", 1)
@@ -310,6 +385,8 @@ def _correct(layer, inputs, targets, error_correction, ec_options, progress):
             progress("iteration", {"name": layer.name, "iteration": iteration,
                                    "max_iter": options.get("max_iter"), "objective": value})
 
+    if options.get("prior"):
+        options["weight"] = weight
     result = error_correct(inputs, targets, codebooks, codes, group, progress=report, **options)
     layer.blobs[0], layer.blobs[1] = _rounded(result.codebooks, layer.params["codebook_dtype"]), result.codes
     layer.check_blobs(layer.input_shapes)

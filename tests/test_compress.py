@@ -140,9 +140,9 @@ def test_layer_inputs_come_from_the_quantized_net_and_targets_from_the_float_net
     seen = {}
     original = compress._correct
 
-    def spy(layer, inputs, targets, *args):
+    def spy(layer, inputs, targets, *args, **kwargs):
         seen[layer.name] = (inputs.copy(), targets.copy())
-        return original(layer, inputs, targets, *args)
+        return original(layer, inputs, targets, *args, **kwargs)
 
     monkeypatch.setattr(compress, "_correct", spy)
     quantized, report = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x, max_samples=10**6,
@@ -224,3 +224,85 @@ def test_half_codebooks_halve_codebook_bytes_and_round_trip(tmp_path):
     np.testing.assert_array_equal(loaded.forward(x)["prob"], half.forward(x)["prob"])
     assert loaded.layer("fc1").params["codebook_dtype"] == "float16"
     assert main(["info", str(path), "--json"]) == 0
+
+
+def test_weight_prior_is_passed_to_error_correction_and_zero_changes_nothing(monkeypatch):
+    """ec_options["prior"] reaches error_correct with the layer's float weights (transposed
+    inner products in the quantizer's layout); prior 0 quantizes exactly as without the option."""
+    from qcnn.quantization import ec
+
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
+    x = _calibration_images(12)
+    plain, _ = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x, ec_options={"max_iter": 2})
+    zero, _ = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x,
+                           ec_options={"max_iter": 2, "prior": 0.0})
+    for a, b in zip(plain.layers, zero.layers):
+        for u, v in zip(a.blobs, b.blobs):
+            np.testing.assert_array_equal(u, v)
+    seen = {}
+    original = ec.error_correct
+
+    def spy(*args, **kwargs):
+        seen[args[0].shape] = kwargs.get("weight")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ec, "error_correct", spy)
+    strong, report = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x,
+                                  ec_options={"max_iter": 2, "prior": 1e6})
+    weights = [w for w in seen.values()]
+    assert len(weights) == len(report) and all(w is not None for w in weights)
+    assert any(w.shape == net.layer("fc1").blobs[0].shape for w in weights)
+    # a strong prior (large against the Gram matrix's largest eigenvalue, not just its mean
+    # diagonal) keeps the weights near k-means' (the weight-space fit), unlike plain EC
+    kmeans, _ = quantize_net(net, conv=(4, 8), fc=(4, 8))
+    from qcnn.quantization.pq import decode
+
+    def weight_error(model, name):
+        layer, original_weight = model.layer(name), net.layer(name).blobs[0]
+        decoded = decode(layer.blobs[0], layer.blobs[1], original_weight.shape[1])
+        decoded = decoded.reshape(original_weight.shape)
+        return np.linalg.norm(decoded - original_weight)
+
+    for name in ("conv2", "fc1"):
+        assert weight_error(strong, name) < weight_error(plain, name)
+        assert weight_error(strong, name) <= weight_error(kmeans, name) * 1.01
+
+
+def test_channel_scales(tmp_path):
+    """Each quantized layer is followed by an in-place Scale of its output channels' peak
+    magnitudes; the quantized weights are the normalised ones; the network's function is kept
+    (exactly when the codebooks can represent every weight), the bytes are counted, and the
+    model round-trips through a file."""
+    net = qcnn.load(qcnn.resources.FASHION_MNIST_MODEL)
+    x = _calibration_images(8)
+    quantized, report = quantize_net(net, conv=(1, 256), fc=(1, 256), overrides={"fc2": (1, 16)},
+                                     channel_scales=True)
+    names = [layer.name for layer in quantized.layers]
+    for row in report:
+        scale = quantized.layer(row["name"] + "/scale")
+        assert names.index(scale.name) == names.index(row["name"]) + 1
+        assert scale.bottoms == scale.tops == quantized.layer(row["name"]).tops
+        weight = net.layer(row["name"]).blobs[0]
+        np.testing.assert_allclose(scale.blobs[0], np.abs(weight.reshape(len(weight), -1)).max(axis=1))
+        assert row["bytes_after"] == quantized.layer(row["name"]).storage_bytes() + 4 * len(weight)
+    # fc2 (512 -> 10) at K = 16 >= 10 outputs per input channel: every weight is a codeword
+    from qcnn.quantization.pq import decode
+
+    fc2, weight = quantized.layer("fc2"), net.layer("fc2").blobs[0]
+    scales = quantized.layer("fc2/scale").blobs[0]
+    np.testing.assert_allclose(decode(fc2.blobs[0], fc2.blobs[1], 512)[:, :, 0, 0] * scales[:, None], weight,
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(fc2.blobs[2] * scales, net.layer("fc2").blobs[1], rtol=1e-5, atol=1e-7)
+    reference = net.forward(x)["prob"]
+    np.testing.assert_allclose(quantized.forward(x)["prob"], reference, atol=2e-2)
+    path = tmp_path / "scaled.qcnn"
+    qcnn.save(quantized, path)
+    np.testing.assert_array_equal(qcnn.load(path).forward(x)["prob"], quantized.forward(x)["prob"])
+    _, rows = quantize_net(net, conv=(4, 8), fc=(4, 8), calibration=x, channel_scales=True,
+                            ec_options={"max_iter": 2, "prior": 1.0})
+    assert all(r["response_error"] <= r["response_error_kmeans"] * (1 + 1e-5) for r in rows)
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--no-ec", "--channel-scales",
+                 "-o", str(tmp_path / "cli.qcnn"), "-q"]) == 0
+    assert qcnn.load(tmp_path / "cli.qcnn").layer("fc1/scale").type == "Scale"
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--no-ec", "--ec-prior", "-1",
+                 "-o", str(tmp_path / "bad.qcnn")]) == 1

@@ -2,7 +2,9 @@
 helper against a dense oracle, exact recovery, the least-squares optimum when every channel can
 own a codeword (with reseeding of unused codewords), grouped convolutions, degenerate inputs,
 serial == parallel (whole solver and B-step kernels), the D step against a dense least-squares
-fit, input validation."""
+fit, input validation; the weight prior: its penalised objective never increases, matches a dense
+oracle, reaches the generalised ridge optimum, tends to the float weights as alpha grows, and
+alpha = 0 is bit for bit the plain solver."""
 
 import numpy as np
 import pytest
@@ -195,6 +197,108 @@ def test_progress_and_stopping():
     np.testing.assert_array_equal(untouched.codes, codes)
 
 
+def float_weight(problem, seed=0):
+    """Float weights (C_t, C_s, kh, kw) for a problem (the codes' shape), not those that made T."""
+    inputs, _, _, codes, _ = problem
+    c_t, kh, kw, _ = codes.shape
+    return np.random.default_rng(seed).normal(size=(c_t, inputs.shape[3], kh, kw)).astype(np.float32)
+
+
+def dense_penalised(inputs, targets, codebooks, codes, group, alpha, weight):
+    """Dense oracle of the penalised objective ||T - S W_q||^2 + sum_g mu_g ||W_g - W_q,g||^2."""
+    _, _, p, c = inputs.shape
+    m, subdim = codebooks.shape[1], codebooks.shape[3]
+    mu = alpha * (inputs.astype(np.float64) ** 2).sum(axis=(1, 2, 3)) / (m * subdim * p)
+    error = (decode(codebooks, codes, c).astype(np.float64) - weight) ** 2
+    per_group = weight.shape[0] // group
+    penalty = sum(mu[g] * error[g * per_group:(g + 1) * per_group].sum() for g in range(group))
+    return dense_objective(inputs, targets, codebooks, codes, group) + penalty
+
+
+@SETTINGS
+@given(problems(), st.sampled_from([1e-3, 0.1, 1.0, 100.0]))
+def test_prior_objective_never_increases_and_matches_oracle(problem, alpha):
+    inputs, targets, codebooks, codes, group = problem
+    weight = float_weight(problem)
+    start = objective(inputs, targets, codebooks, codes, group, prior=alpha, weight=weight)
+    scale = (targets.astype(np.float64) ** 2).sum() + start
+    assert start == pytest.approx(dense_penalised(inputs, targets, codebooks, codes, group, alpha, weight),
+                                  rel=1e-4, abs=1e-6 * scale + 1e-9)
+    result = error_correct(inputs, targets, codebooks, codes, group, max_iter=8, tol=0,
+                           prior=alpha, weight=weight)
+    values = np.array(result.objective)
+    assert values[0] == start and np.isfinite(values).all()
+    assert (np.diff(values) <= 0).all()
+    final = objective(inputs, targets, result.codebooks, result.codes, group, prior=alpha, weight=weight)
+    assert final == pytest.approx(values[-1], rel=1e-4, abs=1e-5 * scale + 1e-6)
+    assert final <= start * (1 + 1e-5) + 1e-6 * scale + 1e-9
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_prior_zero_is_the_plain_solver_bit_for_bit(problem):
+    inputs, targets, codebooks, codes, group = problem
+    plain = error_correct(inputs, targets, codebooks, codes, group, max_iter=4)
+    zero = error_correct(inputs, targets, codebooks, codes, group, max_iter=4, prior=0.0,
+                         weight=float_weight(problem))
+    np.testing.assert_array_equal(plain.codes, zero.codes)
+    np.testing.assert_array_equal(plain.codebooks, zero.codebooks)
+    assert plain.objective == zero.objective and plain.iterations == zero.iterations
+    assert objective(inputs, targets, codebooks, codes, group) == \
+        objective(inputs, targets, codebooks, codes, group, prior=0.0, weight=float_weight(problem))
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.3, 10.0])
+def test_prior_reaches_generalised_ridge_optimum(alpha):
+    """FC with C_t <= K: every sub-vector is free, so the best quantized layer is the generalised
+    ridge solution W* = (S^T S + mu I)^-1 (S^T T + mu W), which EC must reach."""
+    rng = np.random.default_rng(9)
+    n, channels, c_out, subdim, k = 40, 6, 3, 2, 4
+    inputs = rng.normal(size=(1, n, 1, channels)).astype(np.float32)
+    targets = rng.normal(size=(n, c_out)).astype(np.float32)
+    weight = rng.normal(size=(c_out, channels)).astype(np.float32)
+    x, t, w = inputs[0, :, 0].astype(np.float64), targets.astype(np.float64), weight.astype(np.float64)
+    mu = alpha * (x ** 2).sum() / channels
+    best = np.linalg.solve(x.T @ x + mu * np.eye(channels), x.T @ t + mu * w.T)  # (C_s, C_t)
+    optimum = ((t - x @ best) ** 2).sum() + mu * ((w.T - best) ** 2).sum()
+    codebooks, codes = quantize_weight(weight, 1, subdim, k)
+    result = error_correct(inputs, targets, codebooks, codes, max_iter=300, tol=1e-12,
+                           prior=alpha, weight=weight)
+    assert result.objective[-1] == pytest.approx(optimum, rel=1e-3)
+    np.testing.assert_allclose(decode(result.codebooks, result.codes, channels)[:, :, 0, 0], best.T,
+                               rtol=0, atol=2e-2 * np.abs(best).max())
+
+
+def test_large_prior_tends_to_the_weight_space_optimum():
+    """As alpha grows the response no longer matters: with C_t <= K the quantized weights approach
+    the float weights W themselves (zero weight error), however poor W's response is; and a conv
+    layer's weight error ends no worse than k-means' (the weight-space objective it started from)."""
+    rng = np.random.default_rng(10)
+    n, channels, c_out, subdim, k = 60, 8, 4, 2, 4
+    inputs = rng.normal(size=(1, n, 1, channels)).astype(np.float32)
+    targets = rng.normal(size=(n, c_out)).astype(np.float32) * 5
+    weight = rng.normal(size=(c_out, channels)).astype(np.float32)
+    start_weight = weight + rng.normal(size=weight.shape).astype(np.float32)
+    codebooks, codes = quantize_weight(start_weight, 1, subdim, k)
+    errors = []
+    for alpha in (0.1, 10.0, 1e4):
+        result = error_correct(inputs, targets, codebooks, codes, max_iter=100, tol=1e-12,
+                               prior=alpha, weight=weight)
+        decoded = decode(result.codebooks, result.codes, channels)[:, :, 0, 0]
+        errors.append(np.linalg.norm(decoded - weight) / np.linalg.norm(weight))
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-3
+
+    conv = rng.normal(size=(16, 8, 3, 3)).astype(np.float32)
+    patches = make_inputs(rng, "relu", (1, 200, 9, 8))
+    conv_targets = (response(patches, conv, 1) + rng.normal(size=(200, 16)) * 3).astype(np.float32)
+    books, conv_codes = quantize_weight(conv, 1, 4, 8)
+    start = np.linalg.norm(decode(books, conv_codes, 8) - conv)
+    plain = error_correct(patches, conv_targets, books, conv_codes, max_iter=10)
+    strong = error_correct(patches, conv_targets, books, conv_codes, max_iter=10, prior=1e6, weight=conv)
+    assert np.linalg.norm(decode(plain.codebooks, plain.codes, 8) - conv) > 1.05 * start
+    assert np.linalg.norm(decode(strong.codebooks, strong.codes, 8) - conv) <= start * (1 + 1e-3)
+
+
 def test_invalid_arguments():
     rng = np.random.default_rng(6)
     inputs = rng.normal(size=(1, 10, 1, 8)).astype(np.float32)
@@ -219,6 +323,11 @@ def test_invalid_arguments():
         (dict(ridge=0.0), "ridge"),
         (dict(tol=float("nan")), "tol"),
         (dict(progress=3), "progress"),
+        (dict(prior=-1.0), "prior"),
+        (dict(prior=float("inf")), "prior"),
+        (dict(prior=1.0), "needs the float weights"),
+        (dict(prior=1.0, weight=np.zeros((4, 7))), "weight"),
+        (dict(prior=1.0, weight=np.zeros((4, 8, 2, 2))), "weight"),
     ]
     for change, message in cases:
         arguments = dict(inputs=inputs, targets=targets, codebooks=codebooks, codes=codes)

@@ -10,6 +10,17 @@ with T the original float layer's response (bias removed), S the input patches
 of group g, p the kernel positions, m the subspaces and b the codes. An
 inner-product layer is the case of one group and one position.
 
+Weight prior (optional, ``prior = alpha > 0`` with the float weights W): the
+objective gains ``mu ||W - W_q||^2`` per group, ``mu = alpha trace(S^T S) / L``
+(the mean diagonal of the Gram matrix, L = M * P * subdim rows of the weights in
+the solver's layout, padding included). With few calibration inputs the plain
+objective over-fits them; the prior keeps W_q near the weights that k-means
+approximates (alpha -> infinity: k-means on the weights, with codes shared by
+the kernel positions' codebook as usual). In the statistics below this is
+exactly ``Sigma += mu I`` and ``S^T T += mu W`` (plus the constant
+``mu ||W||^2``), so the solver, its steps' safety checks and the reported
+objective are all of the penalised objective.
+
 Solver: block coordinate descent. A block is one subspace m of one codebook
 (shared by all kernel positions, and by all groups when the codebook is).
 Within a block, three steps, each a minimisation of the objective with the
@@ -84,7 +95,7 @@ class ECResult(NamedTuple):
 
 
 def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, tol=1e-4, ridge=1e-6,
-                  progress=None, parallel=True):
+                  prior=0.0, weight=None, progress=None, parallel=True):
     """Refine product-quantization codebooks and codes to preserve a layer's response.
 
     Parameters
@@ -121,7 +132,8 @@ def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, to
     -------
     ECResult
         ``codebooks`` float32 (G_cb, M, K, subdim), ``codes`` uint8
-        (C_t, kh, kw, M), ``objective`` list of floats, ``iterations``.
+        (C_t, kh, kw, M), ``objective`` list of floats (of the penalised
+        objective when ``prior > 0``), ``iterations``.
 
     Raises
     ------
@@ -141,12 +153,19 @@ def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, to
     max_iter = _check_int("max_iter", max_iter, 0)
     tol = _check_float("tol", tol, lambda v: v >= 0, ">= 0")
     ridge = _check_float("ridge", ridge, lambda v: v > 0, "> 0")
+    penalty = _prior(layer, prior, weight)
     if progress is not None and not callable(progress):
         raise QcnnError(f"error correction: progress must be callable, got {progress!r}")
     codebooks = layer.codebooks.copy()
     work_codes = np.ascontiguousarray(layer.codes, dtype=np.int64)
-    value = _residual_sum(layer, _layer_weights(codebooks, work_codes))
+    value = _penalised_sum(layer, _layer_weights(codebooks, work_codes), penalty)
     sigma, cross = _statistics(layer)
+    if penalty is not None:
+        mu, float_weights = penalty
+        diagonal = np.arange(sigma.shape[1])
+        for g in range(len(sigma)):
+            sigma[g, diagonal, diagonal] += mu[g]
+            cross[g] += mu[g] * float_weights[g]
     history = [value]
     if progress is not None:
         progress(0, value)
@@ -165,15 +184,17 @@ def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, to
     return ECResult(codebooks, codes_out, history, iterations)
 
 
-def objective(inputs, targets, codebooks, codes, group=1):
+def objective(inputs, targets, codebooks, codes, group=1, *, prior=0.0, weight=None):
     """The EC objective ``sum_n ||T_n - (W_q S)_n||^2`` of a quantized layer (float).
 
     Arguments as in :func:`error_correct`. ``sqrt(objective / ||T||^2)`` is the
     relative response error. Computed in chunks of samples (float32 products,
-    float64 sum).
+    float64 sum). With ``prior`` alpha > 0 and the float ``weight`` W, the
+    penalised objective that :func:`error_correct` then minimises:
+    ``+ sum_g mu_g ||W_g - W_q,g||^2``, ``mu_g = alpha trace(S_g^T S_g) / L``.
     """
     layer = _validate(inputs, targets, codebooks, codes, group)
-    return _residual_sum(layer, _layer_weights(layer.codebooks, layer.codes))
+    return _penalised_sum(layer, _layer_weights(layer.codebooks, layer.codes), _prior(layer, prior, weight))
 
 
 class _Layer(NamedTuple):
@@ -317,6 +338,45 @@ def _residual_sum(layer, weights):
     for g, x, t in _chunks(layer):
         residual = t - x @ weights[g]
         total += float(np.einsum("ij,ij->", residual, residual, dtype=np.float64))
+    return total
+
+
+def _prior(layer, prior, weight):
+    """``(mu (G,) float64, W per group (L, C_t / G) float64)`` of the weight prior, or None if alpha = 0."""
+    alpha = _check_float("prior", prior, lambda v: v >= 0, ">= 0")
+    if alpha == 0:
+        return None
+    if weight is None:
+        raise QcnnError("error correction: prior > 0 needs the float weights (weight=)")
+    group, _, positions, channels = layer.inputs.shape
+    c_t, kh, kw, m = layer.codes_shape
+    w = _real_array("weight", weight, 2 if np.ndim(weight) == 2 else 4, "(C_t, C_s, kh, kw) or (C_t, C_s)")
+    if w.ndim == 2:
+        w = w[:, :, None, None]
+    if w.shape != (c_t, channels, kh, kw):
+        raise QcnnError(f"error correction: weight {np.shape(weight)} must be (C_t, C_s, kh, kw) = "
+                        f"{(c_t, channels, kh, kw)}")
+    subdim = layer.codebooks.shape[3]
+    size = m * positions * subdim
+    per_group = c_t // group
+    # (C_t, C_s, kh, kw) -> rows (C_t, L) ordered like _patch_rows' columns -> per group (L, C_t / G)
+    rows = _patch_rows(w.transpose(0, 2, 3, 1).reshape(c_t, positions, channels), subdim, m)
+    weights = [rows[g * per_group:(g + 1) * per_group].T.astype(np.float64) for g in range(group)]
+    energy = np.zeros(group)
+    step = max(1, CHUNK_VALUES // (positions * channels))
+    for g in range(group):
+        for start in range(0, layer.inputs.shape[1], step):
+            x = layer.inputs[g, start:start + step].reshape(-1)
+            energy[g] += float(np.dot(x.astype(np.float64), x.astype(np.float64)))
+    return alpha * energy / size, weights
+
+
+def _penalised_sum(layer, weights, penalty):
+    """:func:`_residual_sum` plus ``sum_g mu_g ||W_g - W_q,g||^2`` when ``penalty`` is not None."""
+    total = _residual_sum(layer, weights)
+    if penalty is not None:
+        for mu, w, q in zip(*penalty, weights):
+            total += float(mu * np.sum(np.square(w - q)))
     return total
 
 

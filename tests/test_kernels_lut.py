@@ -17,9 +17,13 @@ including partial chunks of 8), serial and parallel, over shapes, subdim (C_s di
 not), K (1..256), stride, padding, dilation, groups (shared and per-group codebooks) and batch.
 """
 
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -181,5 +185,31 @@ def test_byte_shuffles_are_used_where_the_cpu_has_them():
     if machine in ("aarch64", "arm64"):
         assert lut.SHUFFLE_ISA == "neon"
     elif machine in ("x86_64", "amd64"):
-        flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
-        assert lut.SHUFFLE_ISA == ("avx2" if flags and "avx2" in flags[0].split() else None)
+        if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":  # compiling for another CPU
+            avx2 = "+avx2" in (numba.config.CPU_FEATURES or "").split(",")
+        else:
+            flags = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")]
+            avx2 = bool(flags) and "avx2" in flags[0].split()
+        assert lut.SHUFFLE_ISA == ("avx2" if avx2 else None)
+
+
+def test_no_byte_shuffles_when_numba_compiles_for_a_generic_cpu(tmp_path):
+    """NUMBA_CPU_NAME=generic (x86-64 without AVX2): the pair kernel, and still correct results."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return  # aarch64 always has NEON
+    code = (
+        "import numpy as np\n"
+        "from qcnn.kernels import lut\n"
+        "rng = np.random.default_rng(0)\n"
+        "books = rng.standard_normal((1, 9, 32, 4)).astype(np.float32)\n"
+        "codes = rng.integers(0, 32, (5, 1, 1, 9)).astype(np.uint8)\n"
+        "x = rng.standard_normal((1, 36)).astype(np.float32)\n"
+        "out = lut._inner_product(x, books, lut.prepare_codes(codes, 1), False)\n"
+        "w = books[0][np.arange(9)[None, :], codes[:, 0, 0]].reshape(5, 36)\n"
+        "assert lut.SHUFFLE_ISA is None, lut.SHUFFLE_ISA\n"
+        "assert np.allclose(out, x @ w.T, rtol=1e-5, atol=1e-5)\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "generic", "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr

@@ -233,15 +233,24 @@ def prefetch(typingctx, arr, index):
 # one the host has, or is None: then the kernels must not use these operations.
 
 def _shuffle_isa():
+    """The byte shuffle that the CPU Numba compiles for has: NEON is part of every aarch64 CPU;
+    on x86-64, AVX2 of the host, or of NUMBA_CPU_NAME / NUMBA_CPU_FEATURES when those are set
+    (e.g. ``generic`` for caches shared between machines)."""
     import platform
 
+    import numba
     from llvmlite import binding
 
-    if platform.machine().lower() in ("aarch64", "arm64"):
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
         return "neon"
-    if platform.machine().lower() in ("x86_64", "amd64") and binding.get_host_cpu_features().get("avx2"):
-        return "avx2"
-    return None
+    if machine not in ("x86_64", "amd64"):
+        return None
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        avx2 = "+avx2" in (numba.config.CPU_FEATURES or "").split(",")
+    else:
+        avx2 = bool(binding.get_host_cpu_features().get("avx2"))
+    return "avx2" if avx2 else None
 
 
 SHUFFLE_ISA = _shuffle_isa()

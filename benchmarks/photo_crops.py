@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from qcnn.io.dataset import crop_boxes
+
 # Colour photos and a few grey ones (converted to RGB), split in two disjoint sets.
 CALIBRATION = ["astronaut.png", "coffee.png", "motorcycle_right.png", "hubble_deep_field.jpg",
                "retina.jpg", "camera.png", "coins.png", "horse.png", "grass.png", "china.jpg"]
@@ -50,13 +52,9 @@ def crops(names, per_photo, size=256, seed=0, min_scale=0.35):
     out = []
     for name in names:
         image = Image.open(photo_path(name)).convert("RGB")
-        w, h = image.size
-        for i in range(per_photo):
-            side = min(w, h) if i == 0 else int(min(w, h) * rng.uniform(min_scale, 1.0))
-            left = (w - side) // 2 if i == 0 else int(rng.integers(0, w - side + 1))
-            top = (h - side) // 2 if i == 0 else int(rng.integers(0, h - side + 1))
-            crop = image.crop((left, top, left + side, top + side)).resize((size, size), Image.BILINEAR)
-            if i and rng.random() < 0.5:
+        for box, flip in crop_boxes(*image.size, per_photo, rng, min_scale):
+            crop = image.crop(box).resize((size, size), Image.BILINEAR)
+            if flip:
                 crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
             out.append(np.asarray(crop, np.uint8))
     return np.stack(out)

@@ -143,7 +143,8 @@ def _check_settings(args):
         if not 1 <= value <= 256:
             raise QcnnError(f"{name} must be between 1 and 256, got {value}")
     for name, value in (("--conv-subdim", args.conv_subdim), ("--fc-subdim", args.fc_subdim),
-                        ("--calib-size", args.calib_size), ("--samples", args.samples),
+                        ("--calib-size", args.calib_size), ("--calib-crops", args.calib_crops),
+                        ("--samples", args.samples),
                         ("--ec-iter", args.ec_iter)):
         if value < 1:
             raise QcnnError(f"{name} must be at least 1, got {value}")
@@ -159,8 +160,10 @@ def cmd_quantize(args):
                         "(or an array file), or --no-ec for k-means on the weights alone")
     _check_settings(args)
     net = open_model(args.model)
-    calibration = None if args.calib is None else \
-        _dataset_for(net, args.calib).sample(args.calib_size, args.seed).array()
+    calibration = None
+    if args.calib is not None:
+        data = _dataset_for(net, args.calib).sample(args.calib_size, args.seed)
+        calibration = (data.crops(args.calib_crops, args.seed) if args.calib_crops > 1 else data).array()
     overrides = dict(args.layer or [])
     for name in args.skip or []:
         overrides[name] = None
@@ -178,7 +181,8 @@ def cmd_quantize(args):
     totals = _totals(quantized.summary())
     result = {"model": str(args.model), "output": str(args.output),
               "calibration": None if calibration is None else
-              {"source": str(args.calib), "images": len(calibration), "seed": args.seed},
+              {"source": str(args.calib), "images": len(data), "crops_per_image": args.calib_crops,
+               "inputs": len(calibration), "seed": args.seed},
               "error_correction": calibration is not None and not args.no_ec,
               "layers": report, "total": totals}
     modelfile.save(quantized, args.output)
@@ -433,6 +437,10 @@ def build_parser():
                         "(any size) or a .npy/.npz array")
     p.add_argument("--calib-size", type=int, default=256,
                    help="images drawn (seeded) from --calib (default 256)")
+    p.add_argument("--calib-crops", type=int, default=1, metavar="N",
+                   help="N > 1: calibrate on N square crops of each image instead (its centre, and N-1 "
+                        "seeded random ones of 0.35-1 times its shorter side, half of them mirrored): "
+                        "more varied inputs from a few photos (default 1: the images as they are)")
     p.add_argument("--samples", type=int, default=8192,
                    help="sampled output positions (conv) or inputs (FC) per layer (default 8192)")
     p.add_argument("--ec-iter", type=int, default=20, help="error-correction iterations at most (default 20)")

@@ -181,11 +181,16 @@ def test_error_correction_lowers_response_error_and_output_error():
     assert errors[True] < errors[False]
 
 
+def _pixel_file(tmp_path, count):
+    """``count`` calibration images saved as uint8 pixels (N, 28, 28) in tmp_path/calib.npy."""
+    np.save(tmp_path / "calib.npy", (_calibration_images(count)[:, 0] * 255).round().astype(np.uint8))
+    return str(tmp_path / "calib.npy")
+
+
 def test_quantize_cli_with_calibration(tmp_path, capsys):
-    pixels = (_calibration_images(24)[:, 0] * 255).round().astype(np.uint8)
-    np.save(tmp_path / "calib.npy", pixels)
+    calib = _pixel_file(tmp_path, 24)
     out, report = tmp_path / "q.qcnn", tmp_path / "report.json"
-    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", str(tmp_path / "calib.npy"),
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", calib,
                  "--calib-size", "16", "--ec-iter", "3", "--conv-k", "16", "--fc-k", "16",
                  "-o", str(out), "--report", str(report)]) == 0
     captured = capsys.readouterr()
@@ -306,3 +311,17 @@ def test_channel_scales(tmp_path):
     assert qcnn.load(tmp_path / "cli.qcnn").layer("fc1/scale").type == "Scale"
     assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--no-ec", "--ec-prior", "-1",
                  "-o", str(tmp_path / "bad.qcnn")]) == 1
+
+
+def test_quantize_cli_calibrates_on_crops(tmp_path, capsys):
+    """--calib-crops N: N crops of each of the --calib-size images are the calibration inputs."""
+    calib, report = _pixel_file(tmp_path, 6), tmp_path / "report.json"
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", calib, "--calib-size", "4",
+                 "--calib-crops", "3", "--no-ec", "--fast-kmeans", "--conv-k", "8", "--fc-k", "8",
+                 "-o", str(tmp_path / "q.qcnn"), "--report", str(report), "-q"]) == 0
+    calibration = json.loads(report.read_text())["calibration"]
+    assert (calibration["images"], calibration["crops_per_image"], calibration["inputs"]) == (4, 3, 12)
+    assert main(["quantize", str(qcnn.resources.FASHION_MNIST_MODEL), "--calib", calib,
+                 "--calib-crops", "0", "-o", str(tmp_path / "bad.qcnn")]) == 1
+    assert "--calib-crops must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.qcnn").exists()

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from qcnn.errors import QcnnError
-from qcnn.io.dataset import open_dataset
+from qcnn.io.dataset import crop_boxes, open_dataset
 from qcnn.io.image import to_array
 
 SHAPE = (3, 8, 8)
@@ -100,3 +100,43 @@ def test_bad_labels_nan_and_non_numpy_files(tmp_path):
     (tmp_path / "t.npy").write_text("hello")
     with pytest.raises(QcnnError, match="t.npy: not a NumPy"):
         open_dataset(tmp_path / "t.npy", SHAPE, PRE)
+
+
+def test_crop_boxes_centre_first_then_seeded_random_squares():
+    boxes = crop_boxes(40, 30, 50, np.random.default_rng(3), min_scale=0.5)
+    assert boxes[0] == ((5, 0, 35, 30), False)  # the centre square of the shorter side
+    for (left, top, right, bottom), _ in boxes:
+        side = right - left
+        assert side == bottom - top and 15 <= side <= 30  # square, 0.5..1 of the shorter side
+        assert 0 <= left and right <= 40 and 0 <= top and bottom <= 30
+    flips = [flip for _, flip in boxes[1:]]
+    assert any(flips) and not all(flips)
+    assert boxes == crop_boxes(40, 30, 50, np.random.default_rng(3), min_scale=0.5)
+
+
+def test_crops_of_image_files_and_pixel_arrays_are_the_preprocessed_regions(tmp_path):
+    paths = [_image(tmp_path / f"{i}.png", i, size=(30, 40)) for i in range(2)]
+    pixels = np.stack([np.asarray(Image.open(p)) for p in paths])
+    np.save(tmp_path / "pixels.npy", pixels)
+    for source in (tmp_path, tmp_path / "pixels.npy"):
+        data = open_dataset(source, SHAPE, PRE)
+        crops = data.crops(5, seed=7)
+        assert len(crops) == 10 and crops.labels is None
+        x = crops.array()
+        rng = np.random.default_rng(7)  # one generator runs through the images in order
+        boxes = [b for _ in range(2) for b in crop_boxes(40, 30, 5, rng)]
+        for i, (box, flip) in enumerate(boxes):
+            region = Image.open(paths[i // 5]).crop(box)
+            region = region.transpose(Image.FLIP_LEFT_RIGHT) if flip else region
+            np.testing.assert_array_equal(x[i], to_array(region, SHAPE, PRE))
+        np.testing.assert_array_equal(data.crops(5, seed=7).array(), x)  # seeded
+        assert not np.array_equal(data.crops(5, seed=8).array(), x)
+
+
+def test_crops_need_images_and_a_positive_count(tmp_path):
+    np.save(tmp_path / "input.npy", np.zeros((2,) + SHAPE, np.float32))
+    with pytest.raises(QcnnError, match="input.npy: crops need images"):
+        open_dataset(tmp_path / "input.npy", SHAPE, PRE).crops(2)
+    _image(tmp_path / "a.png", 0)
+    with pytest.raises(QcnnError, match="at least 1"):
+        open_dataset(tmp_path, SHAPE, PRE).crops(0)

@@ -15,21 +15,55 @@ folder
     integer ``labels`` (or ``y``) of shape (N,).
 
 Images are loaded batch by batch, so a large folder is never all in memory.
+:meth:`Dataset.crops` turns a few images into many inputs (seeded random square
+crops, the first of each image its centre), for calibrating on a handful of photos.
 """
 
 import os
 import zipfile
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 
 from qcnn.errors import QcnnError
 from qcnn.io.files import reading
-from qcnn.io.image import check_preprocess, load_images, to_array
+from qcnn.io.image import check_preprocess, load_images, open_image, to_array
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 _DATA_KEYS = ("data", "x", "images")
 _LABEL_KEYS = ("labels", "y")
+
+
+class Crop(NamedTuple):
+    """A square region of one image item: ``box`` (left, top, right, bottom) in pixels, ``flip``
+    left-right after cropping."""
+
+    item: object
+    box: tuple
+    flip: bool
+
+
+def crop_boxes(width, height, count, rng, min_scale=0.35):
+    """``count`` square crop boxes of a ``width`` x ``height`` image, and their flips.
+
+    The first is the centre square of the shorter side, unflipped; each other has a
+    side of ``min_scale``..1 times the shorter side, a uniform random position and a
+    left-right flip with probability 1/2 (drawn from ``rng`` in that order).
+
+    Returns
+    -------
+    list of (box (left, top, right, bottom), flip)
+    """
+    short = min(width, height)
+    out = []
+    for i in range(count):
+        side = short if i == 0 else max(1, int(short * rng.uniform(min_scale, 1.0)))
+        left = (width - side) // 2 if i == 0 else int(rng.integers(0, width - side + 1))
+        top = (height - side) // 2 if i == 0 else int(rng.integers(0, height - side + 1))
+        flip = bool(i and rng.random() < 0.5)
+        out.append(((left, top, left + side, top + side), flip))
+    return out
 
 
 class Dataset:
@@ -39,8 +73,9 @@ class Dataset:
     ----------
     source : str
         Where the data came from (for messages).
-    items : list of str, or ndarray
-        Image paths, or an array (see the module docstring).
+    items : list of str or Crop, or ndarray
+        Image paths (or crops of image files or uint8 pixel arrays), or an array
+        (see the module docstring).
     input_shape : tuple (C, H, W)
     preprocess : dict
         The model's preprocessing (see :mod:`qcnn.io.image`).
@@ -73,6 +108,22 @@ class Dataset:
         order = np.random.default_rng(seed).permutation(len(self))
         return self.subset(np.sort(order[:count]))
 
+    def crops(self, per_item, seed=0, min_scale=0.35):
+        """``per_item`` seeded random square crops of every image (:func:`crop_boxes`), as a
+        new unlabeled :class:`Dataset` of ``len(self) * per_item`` inputs; each crop is then
+        preprocessed as the model says. Needs images (files or uint8 pixels), not network
+        input arrays."""
+        if per_item < 1:
+            raise QcnnError(f"{self.source}: crops per image must be at least 1, got {per_item}")
+        if not isinstance(self.items, list) and self.items.dtype != np.uint8:
+            raise QcnnError(f"{self.source}: crops need images or uint8 pixels, not network input arrays")
+        rng = np.random.default_rng(seed)
+        crops = []
+        for item in (self.items if isinstance(self.items, list) else list(self.items)):
+            width, height = _image_of(item).size
+            crops += [Crop(item, box, flip) for box, flip in crop_boxes(width, height, per_item, rng, min_scale)]
+        return Dataset(self.source, crops, self.input_shape, self.preprocess)
+
     def batches(self, batch_size):
         """Yield ``(x, labels)``: x float32 (B, C, H, W), labels int64 (B,) or None."""
         for start in range(0, len(self), batch_size):
@@ -86,7 +137,10 @@ class Dataset:
 
     def _load(self, start, stop):
         if isinstance(self.items, list):
-            return load_images(self.items[start:stop], self.input_shape, self.preprocess)
+            if not any(isinstance(item, Crop) for item in self.items[start:stop]):
+                return load_images(self.items[start:stop], self.input_shape, self.preprocess)
+            return np.stack([to_array(_cropped(item), self.input_shape, self.preprocess)
+                             for item in self.items[start:stop]])
         chunk = self.items[start:stop]
         if chunk.dtype == np.uint8:
             return np.stack([to_array(Image.fromarray(a), self.input_shape, self.preprocess) for a in chunk])
@@ -94,6 +148,18 @@ class Dataset:
         if not np.isfinite(chunk).all():
             raise QcnnError(f"{self.source}: array holds NaN or infinite values")
         return chunk
+
+
+def _image_of(item):
+    """The Pillow image of an image item: a file path or a uint8 pixel array."""
+    return open_image(item) if isinstance(item, str) else Image.fromarray(np.asarray(item))
+
+
+def _cropped(item):
+    if not isinstance(item, Crop):
+        return _image_of(item)
+    image = _image_of(item.item).crop(item.box)
+    return image.transpose(Image.FLIP_LEFT_RIGHT) if item.flip else image
 
 
 def open_dataset(path, input_shape, preprocess=None, class_names=None):

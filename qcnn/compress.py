@@ -158,6 +158,7 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise) for layer in net.layers]
     count = sum(s is not None for s in plan)
     layers, report = [], []  # layers: per layer of net, the layers that replace it
+    replacements = []  # per report row, the layers that replace the quantized one
     for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
         if settings is None:
             layers.append([layer])
@@ -185,17 +186,15 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
             scale.input_shapes = scale.output_shapes_ = layer.output_shapes_
             replaced.append(scale)
         layers.append(replaced)
+        replacements.append(replaced)
         report.append(row)
         if progress is not None:
             progress("done", row)
     quantized = Net(net.inputs, [x for replaced in layers for x in replaced], net.name, net.metadata)
-    names = {layer.name for layer in quantized.layers}
-    for row in report:
+    for row, replaced in zip(report, replacements):
         layer = quantized.layer(row["name"])
         shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
-        after = layer.storage_bytes()
-        if f"{row['name']}/scale" in names:
-            after += quantized.layer(f"{row['name']}/scale").storage_bytes()
+        after = sum(part.storage_bytes() for part in replaced)  # the Scale layer of channel_scales too
         row.update(bytes_after=after, macs_after=int(layer.macs(shapes)),
                    compression=row["bytes_before"] / max(after, 1))
     return quantized, report

@@ -137,10 +137,10 @@ class Dataset:
 
     def _load(self, start, stop):
         if isinstance(self.items, list):
-            if not any(isinstance(item, Crop) for item in self.items[start:stop]):
-                return load_images(self.items[start:stop], self.input_shape, self.preprocess)
-            return np.stack([to_array(_cropped(item), self.input_shape, self.preprocess)
-                             for item in self.items[start:stop]])
+            batch = self.items[start:stop]
+            if batch and isinstance(batch[0], Crop):  # crops() makes datasets of crops only
+                return _load_crops(batch, self.input_shape, self.preprocess)
+            return load_images(batch, self.input_shape, self.preprocess)
         chunk = self.items[start:stop]
         if chunk.dtype == np.uint8:
             return np.stack([to_array(Image.fromarray(a), self.input_shape, self.preprocess) for a in chunk])
@@ -155,11 +155,16 @@ def _image_of(item):
     return open_image(item) if isinstance(item, str) else Image.fromarray(np.asarray(item))
 
 
-def _cropped(item):
-    if not isinstance(item, Crop):
-        return _image_of(item)
-    image = _image_of(item.item).crop(item.box)
-    return image.transpose(Image.FLIP_LEFT_RIGHT) if item.flip else image
+def _load_crops(crops, input_shape, preprocess):
+    """Preprocessed crops, float32 (N, C, H, W); each image is decoded once for its run of crops."""
+    out, source, image = [], None, None
+    for crop in crops:
+        if crop.item is not source:
+            source, image = crop.item, _image_of(crop.item)
+        region = image.crop(crop.box)
+        out.append(to_array(region.transpose(Image.FLIP_LEFT_RIGHT) if crop.flip else region,
+                            input_shape, preprocess))
+    return np.stack(out)
 
 
 def open_dataset(path, input_shape, preprocess=None, class_names=None):

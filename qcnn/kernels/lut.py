@@ -768,18 +768,16 @@ def lut_conv(padded, codebooks, kernel_codes, group, stride, dilation, out_size,
     return out
 
 
-def _inner_product(x, codebooks, kernel_codes, parallel, shuffle=None):
+def _inner_product(x, codebooks, kernel_codes, parallel):
     """One-position samples (N, C) with a 1x1 kernel and group 1 -> (N, C_t). K <= 32: byte-shuffle
     lookups for N <= FC_SHUFFLE_MAX_BATCH where the CPU has them (SHUFFLE_ISA), else pair tables
     of 8-sample vectors for N >= FC_PAIRS8_MIN_BATCH or scalar pair tables per sample; larger K:
-    scalar tables per sample. ``shuffle=False`` forces the pair-table paths (tests, benchmarks)."""
+    scalar tables per sample."""
     n, c = x.shape
     _, m, k, subdim = codebooks.shape
     c_out = kernel_codes.codes.shape[0]
     threads = _threads(parallel)
-    if shuffle is None:
-        shuffle = SHUFFLE_ISA is not None and k <= TABLE_ENTRIES and n <= FC_SHUFFLE_MAX_BATCH
-    if shuffle:
+    if SHUFFLE_ISA is not None and k <= TABLE_ENTRIES and n <= FC_SHUFFLE_MAX_BATCH:
         c32 = -(-c_out // SHUFFLE_OUTPUTS) * SHUFFLE_OUTPUTS
         xs = np.zeros((n, m * subdim), np.float32)
         xs[:, :c] = x

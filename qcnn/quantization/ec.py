@@ -158,7 +158,8 @@ def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, to
         raise QcnnError(f"error correction: progress must be callable, got {progress!r}")
     codebooks = layer.codebooks.copy()
     work_codes = np.ascontiguousarray(layer.codes, dtype=np.int64)
-    value = _penalised_sum(layer, _layer_weights(codebooks, work_codes), penalty)
+    decoded = _layer_weights(codebooks, work_codes)
+    value = _penalised_sum(layer, decoded, penalty)
     sigma, cross = _statistics(layer)
     if penalty is not None:
         mu, float_weights = penalty
@@ -169,7 +170,7 @@ def error_correct(inputs, targets, codebooks, codes, group=1, *, max_iter=20, to
     history = [value]
     if progress is not None:
         progress(0, value)
-    weights = [w.astype(np.float64) for w in _layer_weights(codebooks, work_codes)]
+    weights = [w.astype(np.float64) for w in decoded]
     descent = _Descent(sigma, cross, weights, codebooks, work_codes, ridge, parallel)
     iterations = 0
     while iterations < max_iter:

@@ -19,7 +19,9 @@ per-layer overrides, later ones winning. The token ``half`` stores float16
 codebooks (``codebook_dtype="float16"``), ``scales`` quantizes each output
 channel's weights divided by their largest magnitude (``channel_scales=True``).
 With ``--ec-prior A [B ...]`` each setting is run with error correction at each
-weight-prior strength alpha.
+weight-prior strength alpha. ``--models Q.qcnn ...`` adds rows for quantized models
+made elsewhere (e.g. the bundled default: ``--settings --models
+weights/imagenet/efficientnet_lite0_pq.qcnn``).
 """
 
 import argparse
@@ -70,7 +72,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="float .qcnn model")
     parser.add_argument("--name", default="model", help="names the JSON and PNG files")
-    parser.add_argument("--settings", nargs="+", default=["conv=8,128 fc=4,32"])
+    parser.add_argument("--settings", nargs="*", default=["conv=8,128 fc=4,32"])
+    parser.add_argument("--models", nargs="+", metavar="QUANTIZED", help="also compare these quantized models")
     parser.add_argument("--no-ec-too", action="store_true", help="also quantize without error correction")
     parser.add_argument("--no-ec", action="store_true", help="only quantize without error correction")
     parser.add_argument("--fast-kmeans", action="store_true", help="plain k-means++/Lloyd (qcnn quantize --fast-kmeans)")
@@ -89,21 +92,13 @@ def main(argv=None):
 
     net = qcnn.load(args.model)
     shape = next(iter(net.inputs.values()))[1:]
-    preprocess = net.metadata.get("preprocess")
     calibration = Dataset("calib", crops(CALIBRATION, args.calib_per_photo, seed=args.seed),
-                          shape, preprocess).array()
-    heldout = Dataset("heldout", crops(HELDOUT, args.heldout_per_photo, seed=args.seed + 1), shape, preprocess)
-    photos = load_images([photo_path(n) for n in CALIBRATION + HELDOUT], shape, preprocess)
-
-    def run(model):
-        probs = predict(model, (x for x, _ in heldout.batches(args.batch_size)))
-        return probs, predict(model, [photos[i:i + args.batch_size] for i in range(0, len(photos), args.batch_size)])
-
-    float_probs, float_photos = run(net)
-    float_labels = top_k(float_photos, 1)[:, 0]
+                          shape, net.metadata.get("preprocess")).array()
+    fidelity = Fidelity(net, args.heldout_per_photo, args.seed + 1, args.batch_size)
     dense_bytes = sum(r["dense_bytes"] for r in net.summary())
     print(f"{args.model}: {dense_bytes / 2**20:.2f} MiB float; calibration {len(calibration)} crops of "
-          f"{len(CALIBRATION)} photos, held out {len(heldout)} crops of {len(HELDOUT)} photos", flush=True)
+          f"{len(CALIBRATION)} photos, held out {len(fidelity.heldout)} crops of {len(HELDOUT)} photos",
+          flush=True)
 
     rows = []
     names = [layer.name for layer in net.layers]
@@ -123,22 +118,21 @@ def main(argv=None):
                                              ec_options={"max_iter": args.ec_iter, "ridge": args.ec_ridge,
                                                          "prior": prior})
             seconds = time.perf_counter() - start
-            probs, photo_probs = run(quantized)
             total = sum(r["bytes"] for r in quantized.summary())
-            kept = top_k(photo_probs, 1)[:, 0] == float_labels
             row = {"setting": text, "error_correction": ec, "ec_prior": prior if ec else None,
-                   "compression": dense_bytes / total,
-                   "bytes": total, **agreement(float_probs, probs),
-                   "photos_label_kept": int(kept.sum()), "photos": len(kept),
-                   "photos_changed": [n for n, k in zip(CALIBRATION + HELDOUT, kept) if not k],
+                   "compression": dense_bytes / total, "bytes": total, **fidelity.compare(quantized),
                    "quantize_seconds": seconds, "layers": report}
             rows.append(row)
             if args.save:
                 os.makedirs(args.save, exist_ok=True)
                 qcnn.save(quantized, os.path.join(args.save, f"{args.name}-{len(rows)}.qcnn"))
-            print(f"{text:<40} {_ec_label(row):<8} {row['compression']:5.1f}x  top-1 "
-                  f"{row['top1_agreement']:.2%}  top-5 {row['top5_agreement']:.2%}  KL {row['mean_kl']:.4f}  "
-                  f"photos kept {row['photos_label_kept']}/{row['photos']}  {seconds:.0f} s", flush=True)
+            _print_row(row)
+    for path in args.models or []:
+        model = qcnn.load(path)
+        total = sum(r["bytes"] for r in model.summary())
+        rows.append({"setting": path, "error_correction": None, "compression": dense_bytes / total,
+                     "bytes": total, **fidelity.compare(model)})
+        _print_row(rows[-1])
 
     print("\n| setting | EC | size | compression | top-1 agr. | top-5 agr. | mean KL | photo labels kept |")
     print("|---|---|---|---|---|---|---|---|")
@@ -150,13 +144,58 @@ def main(argv=None):
     path = os.path.join(RESULTS, f"fidelity_{args.name}.json")
     with open(path, "w") as f:
         json.dump({"model": args.model, "float_bytes": dense_bytes, "calibration_crops": len(calibration),
-                   "heldout_crops": len(heldout), "rows": rows}, f, indent=1)
+                   "heldout_crops": len(fidelity.heldout), "rows": rows}, f, indent=1)
     print(f"wrote {path}")
     _plot(rows, args.name)
     return 0
 
 
+class Fidelity:
+    """A float model's predictions on held-out photo crops and on whole photos, to compare
+    quantized copies with.
+
+    Parameters
+    ----------
+    net : Net
+        The float model.
+    per_photo : int
+        Held-out crops per photo of ``HELDOUT`` (:func:`photo_crops.crops`, seeded by ``seed``).
+    """
+
+    def __init__(self, net, per_photo=20, seed=1, batch_size=16):
+        shape = next(iter(net.inputs.values()))[1:]
+        preprocess = net.metadata.get("preprocess")
+        self.batch_size = batch_size
+        self.heldout = Dataset("heldout", crops(HELDOUT, per_photo, seed=seed), shape, preprocess)
+        self.photo_names = CALIBRATION + HELDOUT
+        self.photos = load_images([photo_path(n) for n in self.photo_names], shape, preprocess)
+        self.float_probs, float_photos = self._run(net)
+        self.float_labels = top_k(float_photos, 1)[:, 0]
+
+    def _run(self, model):
+        """Probabilities (N, classes) on the held-out crops and on the whole photos."""
+        photos = self.photos
+        return (predict(model, (x for x, _ in self.heldout.batches(self.batch_size))),
+                predict(model, [photos[i:i + self.batch_size] for i in range(0, len(photos), self.batch_size)]))
+
+    def compare(self, model):
+        """:func:`qcnn.evaluate.agreement` with the float model on the held-out crops, and which
+        whole photos keep their float top-1 label (``photos_label_kept``, ``photos_changed``)."""
+        probs, photo_probs = self._run(model)
+        kept = top_k(photo_probs, 1)[:, 0] == self.float_labels
+        return {**agreement(self.float_probs, probs), "photos_label_kept": int(kept.sum()),
+                "photos": len(kept), "photos_changed": [n for n, k in zip(self.photo_names, kept) if not k]}
+
+
+def _print_row(row):
+    print(f"{row['setting']:<40} {_ec_label(row):<8} {row['compression']:5.1f}x  top-1 "
+          f"{row['top1_agreement']:.2%}  top-5 {row['top5_agreement']:.2%}  KL {row['mean_kl']:.4f}  "
+          f"photos kept {row['photos_label_kept']}/{row['photos']}", flush=True)
+
+
 def _ec_label(row):
+    if row["error_correction"] is None:
+        return "given"
     if not row["error_correction"]:
         return "no EC"
     return f"EC a={row['ec_prior']:g}" if row["ec_prior"] else "EC"
@@ -172,11 +211,11 @@ def _plot(rows, name):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for ec, marker in ((True, "o"), (False, "x")):
-        chosen = [r for r in rows if r["error_correction"] == ec]
+    for ec, marker, label in ((True, "o", "with EC"), (False, "x", "without EC"), (None, "s", "given models")):
+        chosen = [r for r in rows if r["error_correction"] is ec]
         if chosen:
             ax.scatter([r["compression"] for r in chosen], [100 * r["top1_agreement"] for r in chosen],
-                       marker=marker, label="with EC" if ec else "without EC")
+                       marker=marker, label=label)
             for r in chosen:
                 ax.annotate(r["setting"], (r["compression"], 100 * r["top1_agreement"]), fontsize=6)
     ax.set_xlabel("compression (float bytes / quantized bytes)")

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -255,9 +256,25 @@ def cmd_info(args):
 
 # ------------------------------------------------------------------ classify
 
+def _image_paths(arguments):
+    """Image files of the command line: files as given, folders expanded to the images below them."""
+    from qcnn.io.dataset import image_files
+
+    paths = []
+    for argument in arguments:
+        if os.path.isdir(argument):
+            found = image_files(argument)
+            if not found:
+                raise QcnnError(f"{argument}: no image files in folder")
+            paths += found
+        else:
+            paths.append(argument)
+    return paths
+
+
 def cmd_classify(args):
     model_path = args.model or resources.DEFAULT_MODEL
-    images = args.images or [str(resources.SAMPLE_IMAGE)]
+    images = _image_paths(args.images) if args.images else [str(resources.SAMPLE_IMAGE)]
     net = open_model(model_path)
     if args.kernel:
         set_kernel(net.layers, args.kernel)
@@ -272,6 +289,7 @@ def cmd_classify(args):
     input_shape = next(iter(net.inputs.values()))[1:]
     preprocess = net.metadata.get("preprocess")
     results = []
+    start_time = time.perf_counter()
     for start in range(0, len(images), args.batch_size):
         paths = images[start:start + args.batch_size]
         batch = image.load_images(paths, input_shape, preprocess)
@@ -287,15 +305,25 @@ def cmd_classify(args):
             results.append({"image": str(path), "top": [
                 {"index": int(i), "label": labels[i] if labels else str(i), "probability": float(p[i])}
                 for i in top]})
+    seconds = time.perf_counter() - start_time
     if args.json:
         json.dump({"model": str(model_path), "results": results}, sys.stdout, indent=1)
         print()
     else:
-        for r in results:
-            print(r["image"])
-            for rank, t in enumerate(r["top"], 1):
-                print(f"  {rank:>2}. {t['probability']:7.2%}  {t['label']}  ({t['index']})")
+        _print_classes(results)
+        print(f"{len(results)} image{'s' * (len(results) != 1)} in {seconds:.2f} s "
+              f"(batches of {args.batch_size}; model {model_path})")
     return 0
+
+
+def _print_classes(results):
+    """One row per (image, rank): the image's name on its first row only."""
+    width = max([5] + [len(r["image"]) for r in results])
+    print(f"{'image':<{width}}  {'rank':>4}  {'probability':>11}  class")
+    for r in results:
+        for rank, t in enumerate(r["top"], 1):
+            name = r["image"] if rank == 1 else ""
+            print(f"{name:<{width}}  {rank:>4}  {t['probability']:>11.2%}  {t['label']} ({t['index']})")
 
 
 # ------------------------------------------------------------------ evaluate
@@ -487,7 +515,7 @@ def build_parser():
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("classify", help="top-k classes of images")
-    p.add_argument("images", nargs="*", help="image files (default: a bundled sample)")
+    p.add_argument("images", nargs="*", help="image files or folders of them (default: a bundled sample photo)")
     p.add_argument("--model", help="model file (default: the bundled model)")
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--labels", help="class names, one per line (default: the model's)")

@@ -10,8 +10,8 @@ are allowed. Layers are quantized by k-means on their weights and, given
 unlabeled calibration inputs, error-corrected in network order, optionally
 with a weight prior (``ec_options={"prior": alpha}``) that keeps them from
 over-fitting few calibration images. With ``channel_scales`` each layer's
-output channels are normalised before quantization and rescaled by a float
-``Scale`` layer after it (BatchNorm folding leaves their scales very unequal).
+output channels are normalised before quantization and the quantized layer
+keeps their scales (BatchNorm folding leaves them very unequal).
 """
 
 import time
@@ -22,7 +22,6 @@ from qcnn.errors import QcnnError
 from qcnn.graph import Net
 from qcnn.layers.conv import Convolution, patches
 from qcnn.layers.dense import InnerProduct
-from qcnn.layers.normalization import Scale
 from qcnn.layers.quantized import QuantizedConvolution, QuantizedInnerProduct
 from qcnn.quantization.pq import decode, num_subspaces, quantize_weight, storage_bytes
 
@@ -36,7 +35,8 @@ def is_depthwise(layer):
     return isinstance(layer, Convolution) and layer.group > 1 and layer.blobs[0].shape[1] == 1
 
 
-def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True, depthwise=(8, 128)):
+def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True, depthwise=(8, 128),
+                   codebook_dtype="float32"):
     """``(subdim, num_codewords)`` for ``layer``, or None if it is not quantized.
 
     By default conv and inner-product layers are quantized unless that would
@@ -54,6 +54,8 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
         Layer name -> ``(subdim, num_codewords)``, or None to leave that layer float.
     shared : bool
         Codebooks shared by the groups of a grouped convolution.
+    codebook_dtype : {"float32", "float16"}
+        How the codebooks would be stored (their bytes decide whether a layer gains).
     """
     overrides = overrides or {}
     if type(layer) not in _QUANTIZED:
@@ -71,7 +73,8 @@ def layer_settings(layer, conv=(8, 128), fc=(4, 32), overrides=None, shared=True
         weight_shape = weight_shape[1::-1] + (1, 1)
     subdim, k = settings
     subdim = min(subdim, weight_shape[1])
-    if storage_bytes(weight_shape, group, subdim, k, shared) >= 4 * int(np.prod(weight_shape)):
+    codebook_bytes = 2 if codebook_dtype == "float16" else 4
+    if storage_bytes(weight_shape, group, subdim, k, shared, codebook_bytes) >= 4 * int(np.prod(weight_shape)):
         return None  # too small a layer: the codebooks alone outweigh its float weights
     return (subdim, k)
 
@@ -125,9 +128,8 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         generalises better when the calibration set is small.
     channel_scales : bool
         Quantize each layer's weights divided by their output channel's largest
-        magnitude ``s_c`` and put the scales back in a float ``Scale`` layer
-        (``NAME/scale``, C_t values, in place) after the quantized layer, whose
-        bias becomes ``b / s``. Codebooks are shared by all output channels,
+        magnitude ``s_c``; the quantized layer keeps the scales (C_t float32
+        values, ``W_q = diag(s) D B``). Codebooks are shared by all output channels,
         whose scales differ by an order of magnitude once BatchNorm is folded
         in; normalised, every channel gets the codebook's full resolution.
         Error correction then fits ``T / s`` (each channel's relative error).
@@ -155,10 +157,10 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     unknown = set(overrides) - {layer.name for layer in net.layers}
     if unknown:
         raise QcnnError(f"no layer named {', '.join(sorted(unknown))} in network '{net.name}'")
-    plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise) for layer in net.layers]
+    plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise, codebook_dtype)
+            for layer in net.layers]
     count = sum(s is not None for s in plan)
     layers, report = [], []  # layers: per layer of net, the layers that replace it
-    replacements = []  # per report row, the layers that replace the quantized one
     for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
         if settings is None:
             layers.append([layer])
@@ -166,7 +168,7 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         if progress is not None:
             progress("layer", {"name": layer.name, "position": len(report) + 1, "count": count})
         start = time.perf_counter()
-        scales = _channel_scales(_float_weight(layer)) if channel_scales and _channel_axis_1(layer) else None
+        scales = _channel_scales(_float_weight(layer)) if channel_scales else None
         source = layer if scales is None else _scaled(layer, 1 / scales)
         new, row = _quantize_layer(source, settings, shared_codebook, kernel, codebook_dtype, seed + index,
                                    kmeans_options)
@@ -174,35 +176,27 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         if calibration is not None:
             rng = np.random.default_rng(seed + index)
             target = f_out[0]
-            if scales is not None:  # the quantized layer computes the response divided by the scales
-                target = target / scales.reshape((1, -1) + (1,) * (target.ndim - 2))
+            if scales is not None:  # error correction fits the response divided by the scales
+                axis = 1 if isinstance(layer, Convolution) else target.ndim - 1
+                target = target / scales.reshape((-1,) + (1,) * (target.ndim - 1 - axis))
             inputs, targets = _samples(new, q_in[0], target, rng, max_samples, max_patch_values)
             row.update(_correct(new, inputs, targets, error_correction, ec_options, progress,
                                 weight=_float_weight(source)))
-        row["seconds"] = time.perf_counter() - start
-        replaced = [new]
         if scales is not None:
-            scale = Scale(f"{layer.name}/scale", layer.tops, layer.tops, [scales])
-            scale.input_shapes = scale.output_shapes_ = layer.output_shapes_
-            replaced.append(scale)
-        layers.append(replaced)
-        replacements.append(replaced)
+            new = _with_scales(new, scales, layer)
+        row["seconds"] = time.perf_counter() - start
+        layers.append([new])
         report.append(row)
         if progress is not None:
             progress("done", row)
     quantized = Net(net.inputs, [x for replaced in layers for x in replaced], net.name, net.metadata)
-    for row, replaced in zip(report, replacements):
+    for row in report:
         layer = quantized.layer(row["name"])
         shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
-        after = sum(part.storage_bytes() for part in replaced)  # the Scale layer of channel_scales too
+        after = layer.storage_bytes()
         row.update(bytes_after=after, macs_after=int(layer.macs(shapes)),
                    compression=row["bytes_before"] / max(after, 1))
     return quantized, report
-
-
-def _channel_axis_1(layer):
-    """Whether ``layer``'s output channels lie on axis 1, where a Scale layer applies."""
-    return isinstance(layer, Convolution) or layer.axis == 1
 
 
 def _channel_scales(weight):
@@ -224,6 +218,18 @@ def _scaled(layer, factors):
     copy = type(layer)(layer.name, layer.bottoms, layer.tops, blobs, **layer.params)
     copy.input_shapes, copy.output_shapes_ = layer.input_shapes, layer.output_shapes_
     return copy
+
+
+def _with_scales(normalised, scales, original):
+    """``normalised`` (quantized from ``original`` divided by ``scales``) as a layer holding the
+    scales (``channel_scales``), with ``original``'s float bias: the same function as the
+    normalised layer followed by a per-channel product."""
+    params = dict(normalised.params, channel_scales=True)
+    bias = [original.blobs[1]] if normalised.bias_term else []
+    scaled = type(normalised)(normalised.name, normalised.bottoms, normalised.tops,
+                              normalised.blobs[:2] + bias + [scales], **params)
+    scaled.input_shapes, scaled.output_shapes_ = normalised.input_shapes, normalised.output_shapes_
+    return scaled
 
 
 def _walk(net, plan, calibration, done):

@@ -152,6 +152,8 @@ def test_cli_errors_are_one_line_and_leave_no_file(caffe_files, model, images, t
     assert_one_line_failure(run_cli("classify", text_file, "--model", model), str(text_file), "not an image")
     assert_one_line_failure(run_cli("classify", tmp_path / "nope.jpg", "--model", model), "nope.jpg")
     assert_one_line_failure(run_cli("classify", images[0], "--model", tmp_path / "nope.qcnn"), "nope.qcnn")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_failure(run_cli("classify", tmp_path / "empty", "--model", model), "empty", "no image files")
     assert_one_line_failure(run_cli("info", text_file), str(text_file))
     labels = tmp_path / "two.txt"
     labels.write_text("a\nb\n")
@@ -168,14 +170,31 @@ def test_help_lists_subcommands():
 
 
 @pytest.mark.arm
-def test_bundled_default_model_classifies_its_samples(capsys):
+def test_bundled_fashion_mnist_model_classifies_its_samples(capsys):
     from qcnn import resources
     samples = sorted((resources.WEIGHTS_DIR / "samples").glob("fashion_*.png"))
-    assert len(samples) >= 4 and resources.SAMPLE_IMAGE in samples
-    assert main(["classify", *map(str, samples), "--top", "1", "--json"]) == 0
+    assert len(samples) >= 4
+    assert main(["classify", *map(str, samples), "--model", str(resources.FASHION_MNIST_MODEL), "--top", "1",
+                 "--json"]) == 0
     for result in json.loads(capsys.readouterr().out)["results"]:
         expected = result["image"].rsplit("fashion_", 1)[1][:-4].replace("_", " ")
         assert result["top"][0]["label"].lower().replace("-", " ") == expected
         assert result["top"][0]["probability"] > 0.9
-    assert main(["classify"]) == 0  # no arguments: the bundled sample
-    assert "Sneaker" in capsys.readouterr().out
+
+
+@pytest.mark.arm
+def test_default_model_names_the_sample_photos(capsys):
+    """The bundled compressed EfficientNet-Lite0 on the bundled photos (scikit-image's coffee and
+    chelsea), as the README's first command runs it, and on a folder of them."""
+    from qcnn import resources
+    assert resources.DEFAULT_MODEL == resources.EFFICIENTNET_LITE0_PQ
+    assert main(["classify"]) == 0  # no arguments: the bundled sample photo, a cup of espresso
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["image", "rank", "probability", "class"]
+    assert out[1].startswith(str(resources.SAMPLE_IMAGE)) and out[1].endswith("espresso (967)")
+    assert len(out) == 1 + 5 + 1 and out[-1].startswith("1 image in ")
+    assert main(["classify", str(resources.WEIGHTS_DIR / "samples"), "--top", "1", "--json"]) == 0
+    results = {r["image"].rsplit("/", 1)[1]: r["top"][0] for r in json.loads(capsys.readouterr().out)["results"]}
+    assert results["coffee.jpg"]["label"] == "espresso" and results["coffee.jpg"]["probability"] > 0.9
+    assert results["chelsea.jpg"]["index"] in (281, 282, 285)  # tabby, tiger cat, Egyptian cat: close calls
+    assert len(results) == len(list((resources.WEIGHTS_DIR / "samples").iterdir()))

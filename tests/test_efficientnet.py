@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import qcnn
+from qcnn import resources
 from qcnn.io import image
 from qcnn.io.caffe import save_caffemodel
 from qcnn.io.torch_checkpoint import load_torch_checkpoint
@@ -26,6 +27,7 @@ from conftest import REPO, package_dir
 
 SCRIPT = REPO / "scripts" / "convert_efficientnet_lite0.py"
 IMAGENET_DIR = REPO / "weights" / "imagenet"
+DEFAULT_COMPRESSION = 3.3  # the bundled default model's, float bytes / stored bytes (measured: see README)
 
 # Photo -> acceptable ImageNet classes (the original model's top-1 is the first).
 EXPECTED = {
@@ -82,8 +84,8 @@ def outputs(lite0, batch):
     return {blob: np.concatenate([r[blob].reshape(1, -1) for r in runs]) for blob in ("fc", "prob")}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("convert_efficientnet_lite0", SCRIPT)
+def load_script(path=SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -184,3 +186,32 @@ def test_engine_matches_opencv(lite0_dir, batch, outputs, tmp_path):
     ours = outputs["fc"]
     scale = float(np.abs(reference).max())
     assert np.abs(ours - reference).max() <= 1e-4 * scale
+
+
+@pytest.fixture(scope="session")
+def fidelity(lite0):
+    """The float model's predictions on 200 held-out crops of 10 photos never used for calibration
+    (benchmarks/bench_fidelity.py) and on 20 whole photos."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_fidelity import Fidelity
+
+    return Fidelity(lite0, per_photo=20, seed=1)
+
+
+def test_bundled_default_model_is_faithful_to_the_float_model(lite0, fidelity):
+    """The compressed default (scripts/build_default_model.py) against the float model converted
+    here: the figures reported in benchmarks/README.md, measured again."""
+    default = qcnn.load(resources.DEFAULT_MODEL)
+    assert [layer.name for layer in default.layers] == [layer.name for layer in lite0.layers]
+    assert default.metadata == lite0.metadata
+    build = load_script(REPO / "scripts" / "build_default_model.py")
+    float_layers = {layer.name for layer in default.layers if layer.type in ("Convolution", "InnerProduct")}
+    assert float_layers == set(build.FLOAT_LAYERS)
+    assert all(layer.scales is not None for layer in default.layers if layer.type.startswith("Quantized"))
+    float_bytes = sum(r["bytes"] for r in lite0.summary())
+    compression = float_bytes / sum(r["bytes"] for r in default.summary())
+    assert compression >= DEFAULT_COMPRESSION
+    result = fidelity.compare(default)
+    assert result["top1_agreement"] >= 0.95 and result["top5_agreement"] >= 0.99
+    assert result["mean_kl"] <= 0.01
+    assert not set(result["photos_changed"]) & set(EXPECTED), result["photos_changed"]

@@ -226,7 +226,9 @@ def _check_array(path, data, input_shape):
         raise QcnnError(f"{path}: no samples in array")
 
 
-def _images_below(folder):
+def image_files(folder):
+    """Image files (by extension, ``IMAGE_EXTENSIONS``) in ``folder`` and its sub-folders, sorted;
+    hidden files are left out."""
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
@@ -236,7 +238,7 @@ def _images_below(folder):
 
 
 def _open_folder(folder, input_shape, preprocess, class_names):
-    paths = _images_below(folder)
+    paths = image_files(folder)
     if not paths:
         raise QcnnError(f"{folder}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in folder")
     parents = [os.path.relpath(p, folder).split(os.sep) for p in paths]

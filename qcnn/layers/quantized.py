@@ -6,13 +6,18 @@ Weights are stored as codebooks and codes (see :mod:`qcnn.quantization.pq`):
 ``blobs[1]``  codes, uint8 (C_t, kh, kw, M) (kh = kw = 1 for InnerProduct);
               bit-packed to ceil(log2 K) bits in model files
 ``blobs[2]``  bias, float32 (C_t,), when ``bias_term``
+last blob     output-channel scales ``s``, float32 (C_t,), when ``channel_scales``:
+              ``W_q = diag(s) D B`` (one codebook serves channels of very
+              different magnitudes; see :func:`qcnn.compress.quantize_net`)
 
 Forward runs either the lookup-table kernel (build ``LUT = S^T D`` per input
 position with BLAS, then sum table entries picked by the codes) or decodes
-``W_q = D B`` for this call and runs the dense layer; ``kernel`` chooses
-("lut", "dense" or "auto": the cheaper by :func:`choose_kernel`). Both give the
-same result up to float32 rounding. Decoded weights are not kept, so a
-network's dense weights are never all in memory.
+``W_q`` and runs the dense layer; ``kernel`` chooses ("lut", "dense" or "auto":
+the cheaper by :func:`choose_kernel`). Both give the same result up to float32
+rounding. A layer keeps its decoded weights only when they take at most
+``DECODE_CACHE_BYTES`` (the small layers of mobile networks, whose scalar
+codebooks give the lookup tables nothing to save); larger ones decode on each
+dense call, so a big network's dense weights are never all in memory.
 """
 
 import numpy as np
@@ -25,17 +30,23 @@ from qcnn.quantization.pq import storage_bytes as pq_storage_bytes
 
 KERNELS = ("auto", "lut", "dense")
 PQ_DEFAULTS = {"subdim": 8, "num_codewords": 128, "shared_codebook": True, "kernel": "auto",
-               "parallel": True, "codebook_dtype": "float32"}
+               "parallel": True, "codebook_dtype": "float32", "channel_scales": False}
+# Decoded weights up to this size stay in memory (EfficientNet-Lite0's largest layer: 4.9 MiB;
+# AlexNet's fc6, 144 MiB, is decoded per call).
+DECODE_CACHE_BYTES = 8 * 2**20
 CODEBOOK_DTYPES = ("float32", "float16")
 
 
 class _ProductQuantized:
     """What quantized Convolution and InnerProduct share: validation, storage, forward."""
 
+    _kernel_codes = _decoded = None  # built on first use; reset when the blobs are checked
+
     def _setup_pq(self):
         p = self.params
         p["subdim"], p["num_codewords"] = int(p["subdim"]), int(p["num_codewords"])
-        p["shared_codebook"], p["parallel"] = bool(p["shared_codebook"]), bool(p["parallel"])
+        for flag in ("shared_codebook", "parallel", "channel_scales"):
+            p[flag] = bool(p[flag])
         if p["subdim"] < 1 or not 1 <= p["num_codewords"] <= 256:
             raise ValueError(f"subdim must be >= 1 and num_codewords in 1..256, got "
                              f"{p['subdim']} and {p['num_codewords']}")
@@ -49,14 +60,27 @@ class _ProductQuantized:
         m = num_subspaces(channels, p["subdim"])
         books = 1 if p["shared_codebook"] else group
         shapes = [(books, m, p["num_codewords"], p["subdim"]), (self.num_output,) + kernel + (m,)]
-        return shapes + [(self.num_output,)] if self.bias_term else shapes
+        return shapes + [(self.num_output,)] * (self.bias_term + p["channel_scales"])
 
     def init_blobs(self, input_shapes, rng):
-        """Random codebooks, codes and bias (architecture-only networks)."""
-        books, codes, *bias = self.blob_shapes(input_shapes)
+        """Random codebooks, codes, bias and scales (architecture-only networks)."""
+        books, codes = self.blob_shapes(input_shapes)[:2]
         self.blobs = [rng.normal(0, 0.1, books).astype(np.float32),
                       rng.integers(0, self.params["num_codewords"], codes).astype(np.uint8)]
-        self.blobs += [rng.normal(0, 0.1, shape).astype(np.float32) for shape in bias]
+        if self.bias_term:
+            self.blobs.append(rng.normal(0, 0.1, self.num_output).astype(np.float32))
+        if self.params["channel_scales"]:
+            self.blobs.append(rng.uniform(0.5, 2, self.num_output).astype(np.float32))
+
+    @property
+    def bias(self):
+        """float32 (C_t,), or None without ``bias_term``."""
+        return self.blobs[2] if self.bias_term else None
+
+    @property
+    def scales(self):
+        """Output-channel scales ``s``, float32 (C_t,), or None without ``channel_scales``."""
+        return self.blobs[-1] if self.params["channel_scales"] else None
 
     def check_blobs(self, input_shapes):
         super().check_blobs(input_shapes)
@@ -64,16 +88,17 @@ class _ProductQuantized:
         if codes.size and int(codes.max()) >= self.params["num_codewords"]:
             raise self.error(f"codes reach {int(codes.max())}, but there are only "
                              f"{self.params['num_codewords']} codewords")
-        self._kernel_codes = None
+        self._kernel_codes = self._decoded = None
 
     def blob_storage(self):
         """Per blob: bits per stored value of the bit-packed codes, "float16" for half-precision
         codebooks, or None (stored as is)."""
         books = "float16" if self.params["codebook_dtype"] == "float16" else None
-        return [books, code_bits(self.params["num_codewords"]), None][:len(self.blobs)]
+        return [books, code_bits(self.params["num_codewords"])] + [None] * (len(self.blobs) - 2)
 
     def storage_bytes(self):
-        """Bytes on disk: codebooks (float32 or float16), float32 biases, codes at ceil(log2 K) bits."""
+        """Bytes on disk: codebooks (float32 or float16), codes at ceil(log2 K) bits, float32 bias
+        and scales."""
         books, m, k, subdim = self.blobs[0].shape
         c_out, kh, kw, _ = self.blobs[1].shape
         return pq_storage_bytes((c_out, m * subdim, kh, kw), books, subdim, k, shared=books == 1,
@@ -81,17 +106,32 @@ class _ProductQuantized:
             + int(sum(b.nbytes for b in self.blobs[2:]))
 
     def decoded_weight(self, channels):
-        """The dense weights ``W_q`` (C_t, C_s, kh, kw), float32, built now (not cached)."""
-        return decode(self.blobs[0], self.blobs[1], channels)
+        """The dense weights ``W_q`` (C_t, C_s, kh, kw), float32, scales applied; built now."""
+        weight = decode(self.blobs[0], self.blobs[1], channels)
+        if self.params["channel_scales"]:
+            weight *= self.scales.reshape(-1, 1, 1, 1)
+        return weight
+
+    def _caches_decoded(self):
+        c_out, kh, kw, m = self.blobs[1].shape
+        return 4 * c_out * kh * kw * m * self.blobs[0].shape[3] <= DECODE_CACHE_BYTES
+
+    def _dense_weight(self, channels):
+        """``decoded_weight``, kept for later calls when small enough (``DECODE_CACHE_BYTES``)."""
+        if self._decoded is not None:
+            return self._decoded
+        weight = self.decoded_weight(channels)
+        if self._caches_decoded():
+            self._decoded = weight
+        return weight
 
     def _pq_forward(self, x, group, stride, pad, dilation, kernel_size):
         """Quantized convolution of ``x`` (N, C, H, W); an inner product is a 1x1 case."""
         kernel = self.params["kernel"]
         if kernel == "auto":
             kernel = choose_kernel(self._lut_ops(x.shape, group, stride, pad, dilation, kernel_size))
-        bias = self.blobs[2] if self.bias_term else None
         if kernel == "dense":
-            return convolve(x, self.decoded_weight(x.shape[1] // group), bias, stride, pad, dilation, group)
+            return convolve(x, self._dense_weight(x.shape[1] // group), self.bias, stride, pad, dilation, group)
         out_size = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
                          zip(x.shape[2:], kernel_size, stride, pad, dilation))
         from qcnn.kernels import lut  # Numba takes 0.4 s to import: only when a LUT layer runs
@@ -101,8 +141,10 @@ class _ProductQuantized:
         padded = pad_for_windows(np.asarray(x, np.float32), kernel_size, stride, pad, dilation, out_size)
         out = lut.lut_conv(padded, self.blobs[0], self._kernel_codes, group, stride, dilation, out_size,
                            self.params["parallel"])
-        if bias is not None:
-            out += bias.reshape(1, -1, 1, 1)
+        if self.params["channel_scales"]:
+            out *= self.scales.reshape(1, -1, 1, 1)
+        if self.bias_term:
+            out += self.bias.reshape(1, -1, 1, 1)
         return out
 
     def _lut_ops(self, shape, group, stride, pad, dilation, kernel_size):
@@ -115,13 +157,17 @@ class _ProductQuantized:
         kh, kw = kernel_size
         return {"lut_build_macs": n * group * m * subdim * k * positions,
                 "lookups": n * ho * wo * kh * kw * m * self.num_output,
-                "decode_values": self.num_output * kh * kw * m * subdim,
+                "decode_values": 0 if self._caches_decoded() else self.num_output * kh * kw * m * subdim,
                 "dense_macs": n * ho * wo * self.num_output * (c // group) * kh * kw}
 
     def pq_macs(self, shape, group, stride, pad, dilation, kernel_size):
-        """The paper's count for the LUT path: table multiply-adds plus lookup additions."""
+        """Operations of the kernel that runs for input ``shape``: for the LUT path the paper's
+        count (table multiply-adds plus lookup additions), for the dense path its multiply-adds."""
         ops = self._lut_ops(shape, group, stride, pad, dilation, kernel_size)
-        return ops["lut_build_macs"] + ops["lookups"]
+        kernel = self.params["kernel"]
+        if kernel == "auto":
+            kernel = choose_kernel(ops)
+        return ops["lut_build_macs"] + ops["lookups"] if kernel == "lut" else ops["dense_macs"]
 
 
 def set_kernel(layers, kernel):

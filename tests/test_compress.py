@@ -333,3 +333,18 @@ def test_quantize_cli_calibrates_on_crops(tmp_path, capsys):
                  "--calib-crops", "0", "-o", str(tmp_path / "bad.qcnn")]) == 1
     assert "--calib-crops must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "bad.qcnn").exists()
+
+
+def test_channel_scales_of_an_inner_product_on_a_later_axis(tmp_path):
+    """An InnerProduct with axis 2 has its output channels last: scales and error correction
+    follow them (channels 1000x apart, 8-bit scalar codebooks: nearly exact)."""
+    (tmp_path / "ax.prototxt").write_text("""name: "ax" input: "data" input_shape { dim: 1 dim: 3 dim: 4 dim: 5 }
+    layer { name: "fc" type: "InnerProduct" bottom: "data" top: "fc" inner_product_param { num_output: 6 axis: 2 } }""")
+    net = qcnn.load_caffe(tmp_path / "ax.prototxt", seed=0)
+    net.layer("fc").blobs[0] *= np.array([1, 10, 100, 0.1, 1, 2], np.float32)[:, None]
+    x = np.random.default_rng(0).normal(size=(8, 3, 4, 5)).astype(np.float32)
+    quantized, report = quantize_net(net, overrides={"fc": (1, 256)}, channel_scales=True, calibration=x,
+                                     ec_options={"max_iter": 2})
+    assert report[0]["response_error"] <= report[0]["response_error_kmeans"] < 1e-5
+    reference = net.forward(x)["fc"]
+    assert np.abs(quantized.forward(x)["fc"] - reference).max() <= 1e-5 * np.abs(reference).max()

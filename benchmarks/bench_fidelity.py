@@ -21,7 +21,8 @@ channel's weights divided by their largest magnitude (``channel_scales=True``).
 With ``--ec-prior A [B ...]`` each setting is run with error correction at each
 weight-prior strength alpha. ``--models Q.qcnn ...`` adds rows for quantized models
 made elsewhere (e.g. the bundled default: ``--settings --models
-weights/imagenet/efficientnet_lite0_pq.qcnn``).
+weights/imagenet/efficientnet_lite0_pq.qcnn``). ``--replot RESULTS.json`` redraws the
+plot of an earlier run.
 """
 
 import argparse
@@ -70,7 +71,9 @@ def parse_setting(text, layer_names=()):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="float .qcnn model")
+    parser.add_argument("model", nargs="?", help="float .qcnn model")
+    parser.add_argument("--replot", metavar="RESULTS.json",
+                        help="only redraw the plot of an earlier run's JSON (written beside it, .png)")
     parser.add_argument("--name", default="model", help="names the JSON and PNG files")
     parser.add_argument("--settings", nargs="*", default=["conv=8,128 fc=4,32"])
     parser.add_argument("--models", nargs="+", metavar="QUANTIZED", help="also compare these quantized models")
@@ -89,6 +92,12 @@ def main(argv=None):
     parser.add_argument("--save", metavar="DIR", help="keep the quantized models here")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            _plot(json.load(f)["rows"], args.name, os.path.splitext(args.replot)[0] + ".png")
+        return 0
+    if args.model is None:
+        parser.error("a float model is needed (or --replot)")
 
     net = qcnn.load(args.model)
     shape = next(iter(net.inputs.values()))[1:]
@@ -134,10 +143,10 @@ def main(argv=None):
                      "bytes": total, **fidelity.compare(model)})
         _print_row(rows[-1])
 
-    print("\n| setting | EC | size | compression | top-1 agr. | top-5 agr. | mean KL | photo labels kept |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['setting']} | {_ec_label(r)} | {r['bytes'] / 2**20:.2f} MiB | "
+    print("\n| # | setting | EC | size | compression | top-1 agr. | top-5 agr. | mean KL | photo labels kept |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for i, r in enumerate(rows, 1):
+        print(f"| {i} | {r['setting']} | {_ec_label(r)} | {r['bytes'] / 2**20:.2f} MiB | "
               f"{r['compression']:.1f}x | {r['top1_agreement']:.2%} | {r['top5_agreement']:.2%} | "
               f"{r['mean_kl']:.4f} | {r['photos_label_kept']}/{r['photos']} |")
     os.makedirs(RESULTS, exist_ok=True)
@@ -201,31 +210,38 @@ def _ec_label(row):
     return f"EC a={row['ec_prior']:g}" if row["ec_prior"] else "EC"
 
 
-def _plot(rows, name):
+def _plot(rows, name, path=None):
+    """Top-1 agreement and mean KL divergence against compression, one numbered point per row
+    (the numbers are the rows of the printed table), written to ``path`` (a PNG)."""
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        print("matplotlib is not installed: no plot (pip install matplotlib, or qcnn[plot])")
         return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ec, marker, label in ((True, "o", "with EC"), (False, "x", "without EC"), (None, "s", "given models")):
-        chosen = [r for r in rows if r["error_correction"] is ec]
-        if chosen:
-            ax.scatter([r["compression"] for r in chosen], [100 * r["top1_agreement"] for r in chosen],
-                       marker=marker, label=label)
-            for r in chosen:
-                ax.annotate(r["setting"], (r["compression"], 100 * r["top1_agreement"]), fontsize=6)
-    ax.set_xlabel("compression (float bytes / quantized bytes)")
-    ax.set_ylabel("top-1 agreement with float model (%)")
-    ax.set_title(f"{name}: compression vs agreement on held-out crops")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    metrics = (("top1_agreement", 100, "top-1 agreement with the float model (%)", "linear"),
+               ("mean_kl", 1, "mean KL divergence from the float model", "log"))
+    for ax, (key, factor, label, scale) in zip(axes, metrics):
+        for ec, marker, kind in ((True, "o", "with EC"), (False, "x", "without EC"), (None, "s", "given models")):
+            chosen = [(i, r) for i, r in enumerate(rows, 1) if r["error_correction"] is ec]
+            if chosen:
+                ax.scatter([r["compression"] for _, r in chosen], [factor * r[key] for _, r in chosen],
+                           marker=marker, label=kind)
+            for i, r in chosen:
+                ax.annotate(str(i), (r["compression"], factor * r[key]), xytext=(4, 3),
+                            textcoords="offset points", fontsize=8)
+        ax.set_xlabel("compression (float bytes / quantized bytes)")
+        ax.set_ylabel(label)
+        ax.set_yscale(scale)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{name}: quantized vs float on held-out crops (points numbered as the table's rows)")
     fig.tight_layout()
-    path = os.path.join(RESULTS, f"fidelity_{name}.png")
-    fig.savefig(path, dpi=120)
+    path = path or os.path.join(RESULTS, f"fidelity_{name}.png")
+    fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -160,10 +160,10 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
     plan = [layer_settings(layer, conv, fc, overrides, shared_codebook, depthwise, codebook_dtype)
             for layer in net.layers]
     count = sum(s is not None for s in plan)
-    layers, report = [], []  # layers: per layer of net, the layers that replace it
+    layers, report = [], []
     for index, (layer, settings, f_in, q_in, f_out) in enumerate(_walk(net, plan, calibration, layers)):
         if settings is None:
-            layers.append([layer])
+            layers.append(layer)
             continue
         if progress is not None:
             progress("layer", {"name": layer.name, "position": len(report) + 1, "count": count})
@@ -185,11 +185,11 @@ def quantize_net(net, conv=(8, 128), fc=(4, 32), overrides=None, shared_codebook
         if scales is not None:
             new = _with_scales(new, scales, layer)
         row["seconds"] = time.perf_counter() - start
-        layers.append([new])
+        layers.append(new)
         report.append(row)
         if progress is not None:
             progress("done", row)
-    quantized = Net(net.inputs, [x for replaced in layers for x in replaced], net.name, net.metadata)
+    quantized = Net(net.inputs, layers, net.name, net.metadata)
     for row in report:
         layer = quantized.layer(row["name"])
         shapes = [(1,) + tuple(s[1:]) for s in layer.input_shapes]
@@ -237,9 +237,9 @@ def _walk(net, plan, calibration, done):
 
     With calibration data, two copies of the activations advance together:
     the float network's and the quantized network's, whose layers so far are
-    ``done`` (the caller appends, for each layer, the list of layers that
-    replace it, before the next step). Blobs are freed after their last reader.
-    Without data the arrays are None.
+    ``done`` (the caller appends each layer, quantized or not, before the
+    next step). Blobs are freed after their last reader. Without data the
+    arrays are None.
     """
     if calibration is None:
         for layer, settings in zip(net.layers, plan):
@@ -257,12 +257,7 @@ def _walk(net, plan, calibration, done):
         f_out = _forward_in_chunks(layer, f_in)
         yield layer, settings, f_in, q_in, f_out
         same = all(q is f for q, f in zip(q_in, f_in))  # nothing quantized upstream yet
-        if same and done[-1] == [layer]:
-            q_out = f_out
-        else:
-            q_out = q_in
-            for replacement in done[-1]:
-                q_out = _forward_in_chunks(replacement, q_out)
+        q_out = f_out if same and done[-1] is layer else _forward_in_chunks(done[-1], q_in)
         for t, f, q in zip(layer.tops, f_out, q_out):
             float_blobs[t], quant_blobs[t] = f, q
         for b in set(layer.bottoms) | set(layer.tops):

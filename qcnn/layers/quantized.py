@@ -127,9 +127,7 @@ class _ProductQuantized:
 
     def _pq_forward(self, x, group, stride, pad, dilation, kernel_size):
         """Quantized convolution of ``x`` (N, C, H, W); an inner product is a 1x1 case."""
-        kernel = self.params["kernel"]
-        if kernel == "auto":
-            kernel = choose_kernel(self._lut_ops(x.shape, group, stride, pad, dilation, kernel_size))
+        kernel = self._kernel_for(self._lut_ops(x.shape, group, stride, pad, dilation, kernel_size))
         if kernel == "dense":
             return convolve(x, self._dense_weight(x.shape[1] // group), self.bias, stride, pad, dilation, group)
         out_size = tuple(conv_output_size(s, k, st, p, d) for s, k, st, p, d in
@@ -164,10 +162,12 @@ class _ProductQuantized:
         """Operations of the kernel that runs for input ``shape``: for the LUT path the paper's
         count (table multiply-adds plus lookup additions), for the dense path its multiply-adds."""
         ops = self._lut_ops(shape, group, stride, pad, dilation, kernel_size)
+        return ops["lut_build_macs"] + ops["lookups"] if self._kernel_for(ops) == "lut" else ops["dense_macs"]
+
+    def _kernel_for(self, ops):
+        """"lut" or "dense": the layer's ``kernel``, "auto" resolved by :func:`choose_kernel`."""
         kernel = self.params["kernel"]
-        if kernel == "auto":
-            kernel = choose_kernel(ops)
-        return ops["lut_build_macs"] + ops["lookups"] if kernel == "lut" else ops["dense_macs"]
+        return choose_kernel(ops) if kernel == "auto" else kernel
 
 
 def set_kernel(layers, kernel):
